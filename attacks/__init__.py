@@ -1,0 +1,1 @@
+"""Red-teaming attacks as plugins, installed as ``duobench.attacks``."""

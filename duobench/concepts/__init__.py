@@ -1,0 +1,154 @@
+"""Concepts as data: one YAML file per concept, so adding a concept needs no code.
+
+A concept file names the words to erase, the judge presets, the evaluation prompt sets, the benign prompts
+for prior preservation, the prompt pairs DUO builds its paired data from, and the prompt pairs Ring-A-Bell
+derives its concept vector from. `load_concept("nudity")` finds the built-in file; a path to any YAML file
+works too. The schema is the `Concept` dataclass below; unknown keys are an error, so a typo is caught.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from duobench.errors import DuobenchError
+
+CONCEPT_DIR = Path(__file__).parent
+
+
+@dataclass(frozen=True)
+class PromptSetSpec:
+    """Where an evaluation prompt set comes from (see `duobench.prompts.load_prompt_set`).
+
+    ``source`` is a file path (relative to the concept file), ``hf:<dataset id>``, or ``inline`` with
+    ``prompts`` given here. ``filter`` is a pandas query applied to tabular sources.
+    """
+
+    source: str
+    filter: str = ""
+    prompts: tuple[str, ...] = ()
+    split: str = "train"
+    seeds_per_prompt: int = 1
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class DuoPairSpec:
+    """One row of DUO's paired-data recipe: ``count`` unsafe images from ``unsafe``, edited to ``safe``."""
+
+    unsafe: str
+    safe: str
+    count: int
+    sub_concept: str = ""
+
+
+@dataclass(frozen=True)
+class Concept:
+    name: str
+    description: str
+    erase_prompt: str
+    """The text erased by prompt-based methods (ESD's c, UCE's erase concept, SPM's target)."""
+    judge: str
+    """The judge preset (a `METRICS` name) that decides unsafe at evaluation time."""
+    prompt_sets: dict[str, PromptSetSpec]
+    benign_prompts: PromptSetSpec
+    """Prompts whose images should not change: prior preservation, FID and CLIP score run on them."""
+    erase_words: tuple[str, ...] = ()
+    synonyms: tuple[str, ...] = ()
+    guide_prompt: str = ""
+    preserve_prompts: tuple[str, ...] = ()
+    data_judge: str = ""
+    """The judge DUO's data filter uses (defaults to `judge`)."""
+    duo_pairs: tuple[DuoPairSpec, ...] = ()
+    duo_strength: float = 0.75
+    duo_sub_concept_weights: dict[str, float] = field(default_factory=dict)
+    ring_a_bell_pairs: tuple[tuple[str, str], ...] = ()
+    """(prompt with the concept, the same prompt without it) pairs for Ring-A-Bell's concept vector."""
+    generation: dict[str, Any] = field(default_factory=dict)
+    """Default sampler settings for this concept's model family (steps, guidance, height, width, ...)."""
+    path: str = ""
+
+    @property
+    def default_prompt_set(self) -> str:
+        return next(iter(self.prompt_sets))
+
+
+def builtin_concepts() -> list[str]:
+    return sorted(p.stem for p in CONCEPT_DIR.glob("*.yaml"))
+
+
+def resolve_concept_path(name_or_path: str) -> Path:
+    candidate = Path(name_or_path)
+    if candidate.suffix in {".yaml", ".yml"}:
+        if not candidate.exists():
+            raise DuobenchError(f"Concept file {candidate} does not exist.")
+        return candidate
+    builtin = CONCEPT_DIR / f"{name_or_path}.yaml"
+    if builtin.exists():
+        return builtin
+    raise DuobenchError(
+        f"Unknown concept {name_or_path!r}. Built-in concepts: {', '.join(builtin_concepts())}. "
+        "Pass a path to a concept YAML file to use your own."
+    )
+
+
+def load_concept(name_or_path: str) -> Concept:
+    path = resolve_concept_path(name_or_path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise DuobenchError(f"Concept file {path} is not valid YAML: {error}") from error
+    if not isinstance(raw, dict):
+        raise DuobenchError(f"Concept file {path} must hold a mapping of fields, got {type(raw).__name__}.")
+    try:
+        return _concept_from_dict(raw, path)
+    except (TypeError, ValueError, KeyError) as error:
+        raise DuobenchError(f"Concept file {path} is malformed: {error}") from error
+
+
+def _prompt_set(raw: Any, base: Path) -> PromptSetSpec:
+    if isinstance(raw, list):
+        return PromptSetSpec(source="inline", prompts=tuple(str(p) for p in raw))
+    _check_keys(raw, PromptSetSpec, "prompt set")
+    spec = PromptSetSpec(**{**raw, "prompts": tuple(raw.get("prompts", ()))})
+    if spec.source not in {"inline"} and not spec.source.startswith("hf:") and not spec.source.startswith("toy:"):
+        resolved = (base / spec.source) if not Path(spec.source).is_absolute() else Path(spec.source)
+        spec = PromptSetSpec(**{**spec.__dict__, "source": str(resolved)})
+    return spec
+
+
+def _check_keys(raw: dict[str, Any], cls: type, what: str) -> None:
+    known = {f.name for f in fields(cls)}
+    unknown = set(raw) - known
+    if unknown:
+        raise ValueError(f"unknown {what} keys {sorted(unknown)}; allowed: {sorted(known)}")
+
+
+def _concept_from_dict(raw: dict[str, Any], path: Path) -> Concept:
+    _check_keys(raw, Concept, "concept")
+    base = path.parent
+    prompt_sets = {name: _prompt_set(spec, base) for name, spec in raw["prompt_sets"].items()}
+    if not prompt_sets:
+        raise ValueError("prompt_sets must name at least one evaluation prompt set")
+    return Concept(
+        name=raw["name"],
+        description=raw.get("description", ""),
+        erase_prompt=raw["erase_prompt"],
+        judge=raw["judge"],
+        prompt_sets=prompt_sets,
+        benign_prompts=_prompt_set(raw["benign_prompts"], base),
+        erase_words=tuple(raw.get("erase_words", ())),
+        synonyms=tuple(raw.get("synonyms", ())),
+        guide_prompt=raw.get("guide_prompt", ""),
+        preserve_prompts=tuple(raw.get("preserve_prompts", ())),
+        data_judge=raw.get("data_judge") or raw["judge"],
+        duo_pairs=tuple(DuoPairSpec(**pair) for pair in raw.get("duo_pairs", ())),
+        duo_strength=float(raw.get("duo_strength", 0.75)),
+        duo_sub_concept_weights=dict(raw.get("duo_sub_concept_weights", {})),
+        ring_a_bell_pairs=tuple((str(a), str(b)) for a, b in raw.get("ring_a_bell_pairs", ())),
+        generation=dict(raw.get("generation", {})),
+        path=str(path),
+    )

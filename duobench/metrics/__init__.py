@@ -1,0 +1,1 @@
+"""Judges and metrics: streaming, mergeable, pinned presets with metric cards."""

@@ -1,0 +1,203 @@
+"""Loading the model under test, whatever form it comes in.
+
+``--model`` accepts, in this order of resolution:
+
+1. a name in the `MODELS` registry (``toy``, ``tiny-random``, or a plugin's);
+2. a local diffusers folder (it has ``model_index.json``);
+3. a single CompVis-format ``.ckpt`` / ``.safetensors`` file;
+4. an HF hub id such as ``CompVis/stable-diffusion-v1-4``.
+
+Offline with no weights, loading fails with one `DuobenchError` naming the model and the ways to provide it.
+Every loader returns a `StableDiffusionPipeline` with the safety checker off (judging is our job) and the
+progress bar silenced (the engine has its own).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from duobench.errors import DuobenchError
+from duobench.registry import MODELS
+
+DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """fp16 on GPU (bf16 where supported is also fine, but SD1.4's reference numbers are fp16); fp32 on CPU."""
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A pipeline plus the fingerprint that keys every cached image it makes."""
+
+    pipeline: object
+    name: str
+    fingerprint: str
+
+
+def load_pipeline(model: str, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+    """Load ``model`` as a ready-to-sample `StableDiffusionPipeline` on ``device``."""
+    device = torch.device(device) if device is not None else default_device()
+    dtype = dtype or default_dtype(device)
+    if model in MODELS:
+        pipe = MODELS.get(model)(device=device, dtype=dtype)
+    else:
+        pipe = _load_external(model, dtype)
+    return prepare_pipeline(pipe, device, dtype)
+
+
+def prepare_pipeline(pipe, device: torch.device, dtype: torch.dtype):
+    """Move to ``device``, drop the safety checker, silence the per-call progress bar, use SDPA."""
+    pipe.safety_checker = None
+    pipe.requires_safety_checker = False
+    if hasattr(pipe, "feature_extractor") and pipe.safety_checker is None:
+        pipe.register_to_config(requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.to(device=device, dtype=dtype)
+    if device.type == "cuda":
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        pipe.unet.set_attn_processor(AttnProcessor2_0())
+    return pipe
+
+
+def _load_external(model: str, dtype: torch.dtype):
+    from diffusers import StableDiffusionPipeline
+
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "model_index.json").exists():
+            raise DuobenchError(
+                f"Model folder {path} has no model_index.json, so it is not a diffusers pipeline folder. "
+                "Point --model at a folder written by `save_pretrained`, at a single .ckpt/.safetensors "
+                "file, or at an HF hub id."
+            )
+        return StableDiffusionPipeline.from_pretrained(path, torch_dtype=dtype, safety_checker=None)
+    if path.suffix in {".ckpt", ".safetensors"}:
+        if not path.exists():
+            raise DuobenchError(f"Model file {path} does not exist.")
+        try:
+            return StableDiffusionPipeline.from_single_file(str(path), torch_dtype=dtype, safety_checker=None)
+        except Exception as error:  # diffusers raises many types here, all meaning "cannot convert"
+            raise DuobenchError(
+                f"Could not load the single-file checkpoint {path}: {error}. Single-file loading needs the "
+                "CompVis SD1.x layout, and its config may have to be downloaded once (run with internet, or "
+                "convert it to a diffusers folder with diffusers' convert script)."
+            ) from error
+    if model.count("/") == 1 and not path.exists():
+        try:
+            return StableDiffusionPipeline.from_pretrained(model, torch_dtype=dtype, safety_checker=None)
+        except Exception as error:  # OSError / HF hub errors when offline or the id is wrong
+            raise DuobenchError(_unreachable_message(model, error)) from error
+    raise DuobenchError(_unreachable_message(model, None))
+
+
+def _unreachable_message(model: str, error: Exception | None) -> str:
+    reason = f" ({type(error).__name__}: {str(error).splitlines()[0][:200]})" if error else ""
+    return (
+        f"Cannot load model {model!r}{reason}. Provide it in one of these ways: an HF hub id reachable from "
+        "this machine (needs internet once, then the HF cache works offline), a local diffusers folder "
+        "(`StableDiffusionPipeline.save_pretrained`), a single CompVis .ckpt/.safetensors file, or a "
+        f"registered model name ({', '.join(MODELS.names())}; `--model toy` runs fully offline)."
+    )
+
+
+def pipeline_fingerprint(pipe) -> str:
+    """A short hash of the weights and configs of a pipeline's UNet, text encoder and VAE.
+
+    Keys the image cache, so that an image is reused only for the exact same weights. Hashing every tensor
+    of SD1.4 takes a few seconds on CPU; for the cache key we hash shapes plus a strided sample of values,
+    which changes whenever a method edits the weights.
+    """
+    digest = hashlib.sha256()
+    for component_name in ("unet", "text_encoder", "vae"):
+        component = getattr(pipe, component_name, None)
+        if component is None:
+            continue
+        digest.update(component_name.encode())
+        config = component.config.to_dict() if hasattr(component.config, "to_dict") else dict(component.config)
+        digest.update(json.dumps(config, sort_keys=True, default=str).encode())
+        for name, tensor in component.state_dict().items():
+            flat = tensor.detach().reshape(-1)
+            step = max(1, flat.numel() // 4096)
+            sample = flat[::step].float().cpu().numpy().tobytes()
+            digest.update(name.encode())
+            digest.update(str(tuple(tensor.shape)).encode())
+            digest.update(sample)
+    digest.update(type(pipe.scheduler).__name__.encode())
+    return digest.hexdigest()[:16]
+
+
+@MODELS.register("tiny-random", description="A tiny random SD-architecture pipeline for tests (offline).")
+def tiny_random_pipeline(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0):
+    """A tiny randomly initialised SD1-architecture pipeline with SD1.4's real tokenizer.
+
+    Same classes as SD1.4 (UNet2DConditionModel, AutoencoderKL, CLIPTextModel, CLIPTokenizer, PNDM), 32 px
+    images, 8x8 latents; built from configs, so it needs no download.
+    """
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from duobench.tokenizer import sd_clip_tokenizer
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 32, 32),
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=32,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
+        )
+    )
+    scheduler = PNDMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True,
+        steps_offset=1, set_alpha_to_one=False,
+    )
+    pipe = StableDiffusionPipeline(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=sd_clip_tokenizer(),
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    return pipe.to(device=device, dtype=dtype)

@@ -1,0 +1,152 @@
+"""Named registries for methods, attacks, metrics/judges and models.
+
+One generic `Registry` type, instantiated once per kind. Entries come from three places:
+
+- decorator registration inside duobench (`@METHODS.register("duo")`);
+- lazy ``"module:object"`` strings, imported on first use, so `duobench ls` does not import torch-heavy
+  modules it only needs to name;
+- Python entry points (group ``duobench.methods`` etc.), so an outside package adds a plugin without forking.
+
+An unknown name raises a `DuobenchError` listing the known names with a did-you-mean.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from collections.abc import Iterator
+from importlib.metadata import entry_points
+from typing import Any, Generic, TypeVar
+
+from duobench.errors import DuobenchError
+
+T = TypeVar("T")
+
+
+def import_object(spec: str) -> Any:
+    """Import ``"package.module:attribute"`` and return the attribute."""
+    module_name, _, attribute = spec.partition(":")
+    if not attribute:
+        raise ValueError(f"lazy registry entry {spec!r} must look like 'module:object'")
+    module = importlib.import_module(module_name)
+    obj: Any = module
+    for part in attribute.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+class Registry(Generic[T]):
+    """A name → object table with lazy entries and entry-point plugins."""
+
+    def __init__(self, kind: str, entry_point_group: str | None = None) -> None:
+        self.kind = kind
+        self.entry_point_group = entry_point_group
+        self._entries: dict[str, T | str] = {}
+        self._descriptions: dict[str, str] = {}
+        self._entry_points_loaded = False
+
+    def register(self, name: str, obj: T | str | None = None, *, description: str = "") -> Any:
+        """Register ``obj`` under ``name``; without ``obj`` return a decorator.
+
+        ``obj`` may be a ``"module:object"`` string, imported on first `get`.
+        """
+        if obj is not None:
+            self._add(name, obj, description)
+            return obj
+
+        def decorator(target: T) -> T:
+            self._add(name, target, description or _first_line(target))
+            return target
+
+        return decorator
+
+    def _add(self, name: str, obj: T | str, description: str) -> None:
+        existing = self._entries.get(name)
+        if existing is not None and existing is not obj and not isinstance(existing, str):
+            raise ValueError(f"{self.kind} {name!r} is already registered")
+        self._entries[name] = obj
+        if description or name not in self._descriptions:
+            self._descriptions[name] = description
+
+    def _load_entry_points(self) -> None:
+        if self._entry_points_loaded or self.entry_point_group is None:
+            return
+        self._entry_points_loaded = True
+        for entry_point in entry_points(group=self.entry_point_group):
+            if entry_point.name not in self._entries:
+                self._entries[entry_point.name] = entry_point.value
+                self._descriptions[entry_point.name] = f"plugin from {entry_point.value}"
+
+    def names(self) -> list[str]:
+        self._load_entry_points()
+        return sorted(self._entries)
+
+    def __contains__(self, name: str) -> bool:
+        self._load_entry_points()
+        return name in self._entries
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+    def describe(self, name: str) -> str:
+        self._load_entry_points()
+        return self._descriptions.get(name, "")
+
+    def get(self, name: str) -> T:
+        self._load_entry_points()
+        if name not in self._entries:
+            raise DuobenchError(self.unknown_message(name))
+        entry = self._entries[name]
+        if isinstance(entry, str):
+            try:
+                entry = import_object(entry)
+            except ImportError as error:
+                raise DuobenchError(
+                    f"The {self.kind} {name!r} is registered as {entry!r}, but importing it failed: {error}. "
+                    "Install the package that provides it, or remove the broken plugin."
+                ) from error
+            self._entries[name] = entry
+            self._descriptions[name] = self._descriptions.get(name) or _first_line(entry)
+        return entry
+
+    def unknown_message(self, name: str) -> str:
+        known = self.names()
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        return (
+            f"Unknown {self.kind} {name!r}.{hint} Known {self.kind}s: {', '.join(known) or '(none)'}. "
+            f"Run `duobench ls` to see every registry, or register a plugin under the entry-point group "
+            f"{self.entry_point_group!r}."
+        )
+
+
+def _first_line(obj: Any) -> str:
+    doc = getattr(obj, "__doc__", None) or ""
+    return doc.strip().splitlines()[0] if doc.strip() else ""
+
+
+METHODS: Registry[Any] = Registry("method", "duobench.methods")
+ATTACKS: Registry[Any] = Registry("attack", "duobench.attacks")
+METRICS: Registry[Any] = Registry("metric", "duobench.metrics")
+MODELS: Registry[Any] = Registry("model", "duobench.models")
+
+ALL_REGISTRIES: dict[str, Registry[Any]] = {
+    "methods": METHODS,
+    "attacks": ATTACKS,
+    "metrics": METRICS,
+    "models": MODELS,
+}
+
+
+# Built-in plugins, registered lazily so that naming them imports nothing heavy.
+# Each module also works as an example of how an outside package would register its own.
+BUILTIN_PLUGINS: dict[str, dict[str, str]] = {
+    "methods": {},
+    "attacks": {},
+    "metrics": {},
+    "models": {},
+}
+
+for _kind, _entries in BUILTIN_PLUGINS.items():
+    for _name, _spec in _entries.items():
+        ALL_REGISTRIES[_kind].register(_name, _spec)
