@@ -1,0 +1,114 @@
+"""The unlearning-method contract, and training each configuration at most once.
+
+A method is a few functions and a dataclass config, not a class hierarchy:
+
+- ``config_cls``: a dataclass of hyper-parameters (defaults = the paper's); the concept fills the rest;
+- ``train(config, pipe, concept, out_dir)``: erases ``concept`` starting from the base ``pipe`` and writes
+  the artifact (safetensors + ``card.json``) into ``out_dir``; it must not leave ``pipe`` modified;
+- ``apply(pipe, artifact_dir, strength)``: edits ``pipe`` in place so it generates as the unlearned model,
+  ``strength`` in [0, 1] interpolating from the base model (0) to the full edit (1); the curve machinery
+  sweeps it.
+
+Artifacts live under ``$DUOBENCH_HOME/artifacts/<method>/<key>/`` where the key hashes the method, its
+config, the concept file and the base model's fingerprint: the same configuration is never trained twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from duobench.concepts import Concept
+from duobench.errors import DuobenchError
+from duobench.paths import duobench_home
+from duobench.registry import METHODS
+
+CARD_NAME = "card.json"
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """What a method registers: its config type and its two functions."""
+
+    name: str
+    config_cls: type
+    train: Callable[..., None]
+    apply: Callable[..., Any]
+    description: str = ""
+
+
+def make_config(spec: MethodSpec, overrides: dict[str, Any] | None = None):
+    """Build ``spec.config_cls`` from defaults plus ``overrides``, rejecting unknown keys by name."""
+    overrides = dict(overrides or {})
+    known = {f.name: f for f in fields(spec.config_cls)}
+    unknown = sorted(set(overrides) - set(known))
+    if unknown:
+        raise DuobenchError(
+            f"Method {spec.name!r} has no option(s) {', '.join(unknown)}. Its options: {', '.join(sorted(known))}."
+        )
+    return spec.config_cls(**overrides)
+
+
+def config_key(method: str, config: Any, concept: Concept, base_fingerprint: str) -> str:
+    """The artifact key: same method + config + concept file + base weights ⇒ same artifact."""
+    payload = {
+        "method": method,
+        "config": asdict(config) if is_dataclass(config) else config,
+        "concept": Path(concept.path).read_text() if concept.path else concept.name,
+        "base": base_fingerprint,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def artifact_dir(method: str, key: str) -> Path:
+    return duobench_home() / "artifacts" / method / key
+
+
+def train_or_load(
+    method: str,
+    pipe,
+    concept: Concept,
+    base_fingerprint: str,
+    overrides: dict[str, Any] | None = None,
+    root: Path | None = None,
+) -> tuple[Path, Any, bool]:
+    """Return ``(artifact_dir, config, trained_now)``, training only when no finished artifact exists.
+
+    Training writes into a staging folder that is renamed into place when complete, so an interrupted
+    training never leaves a half-written artifact that a later run would trust.
+    """
+    spec: MethodSpec = METHODS.get(method)
+    config = make_config(spec, overrides)
+    key = config_key(method, config, concept, base_fingerprint)
+    final = (root / method / key) if root is not None else artifact_dir(method, key)
+    if (final / CARD_NAME).exists():
+        return final, config, False
+    staging = final.with_name(final.name + ".partial")
+    staging.mkdir(parents=True, exist_ok=True)
+    spec.train(config, pipe, concept, staging)
+    if not (staging / CARD_NAME).exists():
+        raise RuntimeError(f"method {method!r} finished training without writing {CARD_NAME}")
+    if final.exists():
+        shutil.rmtree(final)
+    staging.rename(final)
+    return final, config, True
+
+
+def write_card(out_dir: Path, method: str, config: Any, concept: Concept, **extra: Any) -> None:
+    """The small JSON config card every artifact carries beside its weights."""
+    card = {
+        "method": method,
+        "config": asdict(config) if is_dataclass(config) else config,
+        "concept": concept.name,
+        **extra,
+    }
+    (out_dir / CARD_NAME).write_text(json.dumps(card, indent=2, sort_keys=True, default=str))
+
+
+def read_card(artifact: Path) -> dict[str, Any]:
+    return json.loads((artifact / CARD_NAME).read_text())
