@@ -138,7 +138,6 @@ def pipeline_fingerprint(pipe) -> str:
     return digest.hexdigest()[:16]
 
 
-@MODELS.register("tiny-random", description="A tiny random SD-architecture pipeline for tests (offline).")
 def tiny_random_pipeline(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0):
     """A tiny randomly initialised SD1-architecture pipeline with SD1.4's real tokenizer.
 

@@ -140,13 +140,19 @@ ALL_REGISTRIES: dict[str, Registry[Any]] = {
 
 # Built-in plugins, registered lazily so that naming them imports nothing heavy.
 # Each module also works as an example of how an outside package would register its own.
-BUILTIN_PLUGINS: dict[str, dict[str, str]] = {
-    "methods": {},
-    "attacks": {},
-    "metrics": {},
-    "models": {},
+# Entries are name: ("module:object", "one-line description").
+BUILTIN_PLUGINS: dict[str, dict[str, tuple[str, str]]] = {
+    "methods": {
+    },
+    "attacks": {
+    },
+    "metrics": {
+    },
+    "models": {
+        "tiny-random": ("duobench.models:tiny_random_pipeline", "tiny random SD1-architecture pipeline (tests)"),
+    },
 }
 
 for _kind, _entries in BUILTIN_PLUGINS.items():
-    for _name, _spec in _entries.items():
-        ALL_REGISTRIES[_kind].register(_name, _spec)
+    for _name, (_spec, _description) in _entries.items():
+        ALL_REGISTRIES[_kind].register(_name, _spec, description=_description)
