@@ -1,0 +1,1 @@
+"""DUO (Park et al., NeurIPS 2024): SDEdit paired data and preference-optimisation unlearning."""
