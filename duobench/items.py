@@ -13,6 +13,26 @@ SCHEDULERS = ("pndm", "ddim", "lms", "euler", "dpm++")
 
 
 @dataclass(frozen=True)
+class SamplerSettings:
+    """How to sample when a prompt set does not say: a concept's or the CLI's defaults."""
+
+    steps: int = 50
+    guidance: float = 7.5
+    height: int = 512
+    width: int = 512
+    scheduler: str = "pndm"
+    negative_prompt: str = ""
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> SamplerSettings:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown sampler settings {unknown}; allowed: {sorted(known)}")
+        return cls(**values)
+
+
+@dataclass(frozen=True)
 class WorkItem:
     """One image to generate.
 

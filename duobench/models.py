@@ -49,7 +49,7 @@ def load_pipeline(model: str, device: torch.device | str | None = None, dtype: t
     """Load ``model`` as a ready-to-sample `StableDiffusionPipeline` on ``device``."""
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
-    if model in MODELS:
+    if model in MODELS or _looks_like_registered_name(model):
         pipe = MODELS.get(model)(device=device, dtype=dtype)
     else:
         pipe = _load_external(model, dtype)
@@ -71,6 +71,11 @@ def prepare_pipeline(pipe, device: torch.device, dtype: torch.dtype):
 
         pipe.unet.set_attn_processor(AttnProcessor2_0())
     return pipe
+
+
+def _looks_like_registered_name(model: str) -> bool:
+    """No slash, no file suffix, not on disk: meant as a registry name (so a typo gets a did-you-mean)."""
+    return "/" not in model and not Path(model).suffix and not Path(model).exists()
 
 
 def _load_external(model: str, dtype: torch.dtype):
@@ -128,6 +133,8 @@ def pipeline_fingerprint(pipe) -> str:
             continue
         digest.update(component_name.encode())
         config = component.config.to_dict() if hasattr(component.config, "to_dict") else dict(component.config)
+        # Private keys (diffusers' `_use_default_values`, `_name_or_path`, versions) vary run to run.
+        config = {key: value for key, value in config.items() if not key.startswith("_") and key != "transformers_version"}
         digest.update(json.dumps(config, sort_keys=True, default=str).encode())
         for name, tensor in component.state_dict().items():
             flat = tensor.detach().reshape(-1)
@@ -200,4 +207,15 @@ def tiny_random_pipeline(device: torch.device | str = "cpu", dtype: torch.dtype 
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    return pipe.to(device=device, dtype=dtype)
+    pipe.to(device=device)
+    return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
+
+
+def default_sampler_settings(pipe):
+    """The model's own sampling defaults: native resolution, plus any ``duobench_sampler_defaults`` a model
+    loader attached (the toy world samples with DDIM in few steps); otherwise SD1.4's PNDM 50 steps, CFG 7.5."""
+    from duobench.items import SamplerSettings
+
+    native = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    values = {"height": native, "width": native, **getattr(pipe, "duobench_sampler_defaults", {})}
+    return SamplerSettings.from_dict(values)
