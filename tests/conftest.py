@@ -1,0 +1,20 @@
+"""Test-wide setup: offline, a throw-away DUOBENCH_HOME, small thread count, shared tiny pipeline."""
+
+import os
+import tempfile
+
+# Set before anything imports huggingface_hub: tests never touch the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ["DUOBENCH_HOME"] = tempfile.mkdtemp(prefix="duobench-test-home-")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe():
+    """A tiny random SD1-architecture pipeline (deterministic weights), shared by read-only tests."""
+    from duobench.models import load_pipeline
+
+    return load_pipeline("tiny-random", device="cpu")

@@ -1,0 +1,38 @@
+"""Bad input gets one paragraph naming the problem and the fix, a non-zero exit, and no traceback."""
+
+import subprocess
+import sys
+
+import pytest
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "duobench.cli", *args], capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["generate", "--model", "tiny-random", "--prompts", "/no/such/file.csv", "--out", "OUT"], "does not exist"),
+    (["generate", "--model", "tiny-randm", "--prompts", "PROMPTS", "--out", "OUT"], "Did you mean 'tiny-random'"),
+    (["generate", "--model", "CompVis/stable-diffusion-v1-4", "--prompts", "PROMPTS", "--out", "OUT"],
+     "Provide it in one of these ways"),
+    (["generate", "--model", "tiny-random", "--prompts", "BADCSV", "--out", "OUT"], "no 'prompt' column"),
+    (["ls", "nonsense"], "Unknown registry"),
+])
+def test_errors_are_one_paragraph_without_traceback(tmp_path, args, expected):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\n")
+    bad_csv = tmp_path / "bad.csv"
+    bad_csv.write_text("text\nhello\n")
+    substitutions = {"PROMPTS": str(prompts), "OUT": str(tmp_path / "out"), "BADCSV": str(bad_csv)}
+    result = run_cli(*[substitutions.get(arg, arg) for arg in args])
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr + result.stdout
+    assert expected in " ".join(result.stderr.split())
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1
+
+
+def test_help_and_ls_work():
+    assert run_cli("--help").returncode == 0
+    listing = run_cli("ls", "models")
+    assert listing.returncode == 0 and "tiny-random" in listing.stdout
