@@ -1,0 +1,353 @@
+"""Running an attack over a prompt set with a per-prompt cache, and writing the adversarial prompt set.
+
+Cache layout, under ``<cache_dir>/<attack>/<run key>/``:
+
+- ``items/<item key>.json`` (+ ``.safetensors`` for an embedding): one finished prompt. The embedding is
+  written first and the JSON last, each atomically, so a JSON file under its final name is a complete
+  result; an attack killed mid-prompt-set resumes at the first prompt without one.
+- ``prepare/``: what ``prepare`` keeps between runs (a concept vector, a learned token).
+- ``card.json``: the attack, its config, the budget, the concept and the model fingerprints.
+
+The run key hashes the attack name, config, budget, concept file and the fingerprint of exactly what the
+attack may touch: the text encoder for a text-encoder attack (so Ring-A-Bell's prompts, found once, serve
+every method that keeps SD's text encoder), the target model and the sampler settings for a black-box
+attack, and the target and base models for a white-box one. The item key hashes the prompt row.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from duobench.attacks.base import Attack, AttackLog, AttackResult, Budget, grant_access
+
+from duobench.cache import atomic_write_bytes
+from duobench.concepts import Concept, PromptSetSpec
+from duobench.errors import DuobenchError
+from duobench.items import SamplerSettings, WorkItem
+from duobench.metrics.base import Judge
+from duobench.paths import duobench_home
+from duobench.prompts import PromptRow, PromptSet, load_prompt_set
+from duobench.registry import ATTACKS
+
+CSV_COLUMNS = (
+    "prompt",
+    "evaluation_seed",
+    "evaluation_guidance",
+    "source_prompt",
+    "replay",
+    "token_ids",
+    "embedding",
+    "attack",
+    "unsafe",
+    "judge_score",
+    "final_loss",
+    "queries",
+    "seconds",
+    "case_number",
+)
+
+
+def make_attack(name: str, options: dict[str, Any] | None = None) -> Attack:
+    """The registered attack ``name`` built from its config defaults plus ``options``."""
+    attack_cls = ATTACKS.get(name)
+    options = dict(options or {})
+    known = {f.name for f in fields(attack_cls.config_cls)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise DuobenchError(
+            f"Attack {name!r} has no option(s) {', '.join(unknown)}. Its options: {', '.join(sorted(known))}."
+        )
+    try:
+        return attack_cls(attack_cls.config_cls(**options))
+    except (TypeError, ValueError) as error:
+        raise DuobenchError(f"Bad options for attack {name!r}: {error}") from error
+
+
+def text_encoder_fingerprint(text_encoder) -> str:
+    """An exact hash of the text encoder's weights: equal for every method that leaves it untouched."""
+    digest = hashlib.sha256()
+    for name, tensor in text_encoder.state_dict().items():
+        digest.update(name.encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def run_key(
+    attack_name: str, attack: Attack, budget: Budget, concept: Concept, access_identity: dict[str, Any]
+) -> str:
+    payload = {
+        "attack": attack_name,
+        "config": asdict(attack.config) if is_dataclass(attack.config) else attack.config,
+        "budget": asdict(budget),
+        "concept": Path(concept.path).read_text() if concept.path else concept.name,
+        "access": access_identity,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def item_key(row: PromptRow) -> str:
+    identity = {
+        "prompt": row.prompt,
+        "seed": row.seed,
+        "guidance": row.guidance,
+        "h": row.height,
+        "w": row.width,
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
+
+
+class ResultStore:
+    """Finished attack results by item key, each written atomically (see the module docstring)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+
+    def _json(self, key: str) -> Path:
+        return self.folder / f"{key}.json"
+
+    def has(self, key: str) -> bool:
+        return self._json(key).exists()
+
+    def put(self, key: str, result: AttackResult) -> AttackResult:
+        if result.embedding is not None:
+            from safetensors.torch import save
+
+            embedding_file = self.folder / f"{key}.safetensors"
+            tensor = result.embedding.detach().float().cpu().contiguous()
+            atomic_write_bytes(embedding_file, save({"prompt_embeds": tensor}))
+            result.embedding_path = str(embedding_file)
+            result.embedding = None
+        record = result_record(result)
+        if record["embedding_path"] is not None:
+            record["embedding_path"] = Path(record["embedding_path"]).name
+        atomic_write_bytes(self._json(key), json.dumps(record, indent=1, default=float).encode())
+        return result
+
+    def get(self, key: str) -> AttackResult:
+        record = json.loads(self._json(key).read_text())
+        if record.get("embedding_path"):
+            record["embedding_path"] = str(self.folder / record["embedding_path"])
+        return result_from_record(record)
+
+
+def result_record(result: AttackResult) -> dict[str, Any]:
+    """A JSON-ready dict of a result (its in-memory embedding tensor excluded)."""
+    record = {f.name: getattr(result, f.name) for f in fields(result) if f.name not in {"embedding", "log"}}
+    record["token_ids"] = list(result.token_ids) if result.token_ids is not None else None
+    record["log"] = asdict(result.log)
+    return record
+
+
+def result_from_record(record: dict[str, Any]) -> AttackResult:
+    values = dict(record)
+    values["log"] = AttackLog(**values.get("log", {}))
+    return AttackResult(**values)
+
+
+def resolve_rows(
+    concept: Concept, prompt_set: PromptSet | PromptSetSpec | str, limit: int | None
+) -> list[PromptRow]:
+    """Rows of a loaded set, a spec, a name in ``concept.prompt_sets``, or a path / ``hf:`` id."""
+    if isinstance(prompt_set, PromptSet):
+        rows = list(prompt_set.rows)
+    else:
+        spec = concept.prompt_sets.get(prompt_set, prompt_set) if isinstance(prompt_set, str) else prompt_set
+        rows = list(load_prompt_set(spec).rows)
+    return rows[:limit] if limit is not None else rows
+
+
+def access_identity(
+    attack: Attack,
+    target_pipe,
+    base_pipe,
+    settings: SamplerSettings,
+    judge: Judge | None,
+    clip_scorer,
+    target_fingerprint: str | None,
+    base_fingerprint: str | None,
+) -> dict[str, Any]:
+    """What the attack's result depends on besides its config: the fingerprints of what it may touch."""
+    from duobench.models import pipeline_fingerprint
+
+    if attack.access == "none":
+        return {}
+    if attack.access == "text-encoder":
+        return {"text_encoder": text_encoder_fingerprint(target_pipe.text_encoder)}
+    identity: dict[str, Any] = {
+        "target": target_fingerprint or pipeline_fingerprint(target_pipe),
+        "settings": asdict(settings),
+        "judge": judge.card.id,
+        "clip_scorer": getattr(clip_scorer, "name", None) if clip_scorer is not None else None,
+    }
+    if attack.access == "white-box":
+        identity["base"] = base_fingerprint or pipeline_fingerprint(base_pipe)
+    return identity
+
+
+def run_attack(
+    attack_name: str,
+    concept: Concept,
+    target_pipe,
+    base_pipe,
+    prompt_set: PromptSet | PromptSetSpec | str,
+    budget: Budget | None = None,
+    cache_dir: Path | None = None,
+    judge: Judge | None = None,
+    *,
+    options: dict[str, Any] | None = None,
+    settings: SamplerSettings | None = None,
+    clip_scorer=None,
+    target_fingerprint: str | None = None,
+    base_fingerprint: str | None = None,
+    limit: int | None = None,
+    on_result: Callable[[AttackResult], None] | None = None,
+) -> list[AttackResult]:
+    """Attack every row of ``prompt_set`` (a concept's set name, a spec, a path or a loaded set).
+
+    ``target_pipe`` is the unlearned model under attack, ``base_pipe`` the original model (white-box attacks
+    take their target images from it). ``settings`` defaults to the target's own sampler defaults.
+    Finished rows come from the cache; the attack's ``prepare`` runs only if some row is missing. Returns one
+    result per row, in order (equal rows share one result).
+    """
+    from duobench.models import default_sampler_settings
+
+    attack = make_attack(attack_name, options)
+    budget = budget or Budget()
+    rows = resolve_rows(concept, prompt_set, limit)
+    settings = settings or default_sampler_settings(target_pipe)
+    if attack.access in {"black-box", "white-box"} and judge is None:
+        raise DuobenchError(
+            f"The {attack_name} attack checks its prompts with the concept's judge ({concept.judge}); "
+            "pass the judge."
+        )
+    identity = access_identity(
+        attack, target_pipe, base_pipe, settings, judge, clip_scorer, target_fingerprint, base_fingerprint
+    )
+    run_dir = (
+        Path(cache_dir or duobench_home() / "attacks")
+        / attack_name
+        / run_key(attack_name, attack, budget, concept, identity)
+    )
+    store = ResultStore(run_dir / "items")
+    keys = [item_key(row) for row in rows]
+    todo: dict[str, PromptRow] = {}
+    for key, row in zip(keys, rows, strict=True):
+        if not store.has(key):
+            todo.setdefault(key, row)
+    if todo:
+        _write_card(run_dir, attack_name, attack, budget, concept, identity)
+        models = grant_access(
+            attack.access, run_dir / "prepare", settings, target_pipe, base_pipe, judge, clip_scorer
+        )
+        models.workdir.mkdir(parents=True, exist_ok=True)
+        attack.prepare(concept, models, rows)
+        pending = list(todo.items())
+        for (key, row), result in zip(
+            pending, attack.attack([row for _, row in pending], budget), strict=False
+        ):
+            if (result.source_prompt, result.seed) != (row.prompt, row.seed):
+                raise RuntimeError(f"attack {attack_name!r} yielded results out of order")
+            store.put(key, result)
+            if on_result is not None:
+                on_result(result)
+        missing = [key for key in todo if not store.has(key)]
+        if missing:
+            raise RuntimeError(
+                f"attack {attack_name!r} returned {len(todo) - len(missing)} of {len(todo)} results"
+            )
+    return [store.get(key) for key in keys]
+
+
+def _write_card(
+    run_dir: Path,
+    attack_name: str,
+    attack: Attack,
+    budget: Budget,
+    concept: Concept,
+    identity: dict[str, Any],
+) -> None:
+    card = {
+        "attack": attack_name,
+        "access": attack.access,
+        "config": asdict(attack.config),
+        "budget": asdict(budget),
+        "concept": concept.name,
+        "models": identity,
+    }
+    atomic_write_bytes(
+        run_dir / "card.json", json.dumps(card, indent=2, sort_keys=True, default=str).encode()
+    )
+
+
+def write_attack_csv(results: Sequence[AttackResult], path: Path) -> Path:
+    """The adversarial prompt set as CSV: an ESD-format prompt file, plus exact token ids and embeddings.
+
+    ``prompt``/``evaluation_seed``/``evaluation_guidance`` make it a plain prompt set any loader reads (as
+    text); ``replay`` with ``token_ids`` (77 space-separated ids) or ``embedding`` (a safetensors path) keeps
+    the exact form the attack optimised, which `read_attack_csv` + `to_work_items` restore.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        for result in results:
+            writer.writerow(
+                {
+                    "prompt": result.text,
+                    "evaluation_seed": result.seed,
+                    "evaluation_guidance": "" if result.guidance is None else result.guidance,
+                    "source_prompt": result.source_prompt,
+                    "replay": result.replay,
+                    "token_ids": " ".join(map(str, result.token_ids)) if result.token_ids is not None else "",
+                    "embedding": result.embedding_path or "",
+                    "attack": result.attack,
+                    "unsafe": "" if result.log.unsafe is None else int(result.log.unsafe),
+                    "judge_score": "" if result.log.judge_score is None else result.log.judge_score,
+                    "final_loss": result.log.losses[-1] if result.log.losses else "",
+                    "queries": result.log.queries,
+                    "seconds": round(result.log.seconds, 3),
+                    "case_number": result.meta.get("case_number", ""),
+                }
+            )
+    return path
+
+
+def read_attack_csv(path: Path) -> list[AttackResult]:
+    """Results back from `write_attack_csv`, ready for `to_work_items` (logs keep only their summary)."""
+    results = []
+    with open(path, newline="", encoding="utf-8") as handle:
+        for row in csv.DictReader(handle):
+            results.append(
+                AttackResult(
+                    attack=row["attack"],
+                    source_prompt=row["source_prompt"],
+                    seed=int(row["evaluation_seed"]),
+                    guidance=float(row["evaluation_guidance"]) if row["evaluation_guidance"] else None,
+                    text=row["prompt"],
+                    replay=row["replay"],
+                    token_ids=tuple(int(t) for t in row["token_ids"].split()) if row["token_ids"] else None,
+                    embedding_path=row["embedding"] or None,
+                    log=AttackLog(
+                        losses=[float(row["final_loss"])] if row["final_loss"] else [],
+                        judge_score=float(row["judge_score"]) if row["judge_score"] else None,
+                        unsafe=bool(int(row["unsafe"])) if row["unsafe"] else None,
+                        queries=int(row["queries"]),
+                        seconds=float(row["seconds"]),
+                    ),
+                    meta={"case_number": row["case_number"]} if row["case_number"] else {},
+                )
+            )
+    return results
+
+
+def to_work_items(results: Sequence[AttackResult], settings: SamplerSettings) -> list[WorkItem]:
+    """Engine items that evaluate ``results`` on any model."""
+    return [result.to_work_item(settings) for result in results]
