@@ -143,6 +143,7 @@ ALL_REGISTRIES: dict[str, Registry[Any]] = {
 # Entries are name: ("module:object", "one-line description").
 BUILTIN_PLUGINS: dict[str, dict[str, tuple[str, str]]] = {
     "methods": {
+        "duo": ("duobench.duo.method:SPEC", "DUO (Park et al., NeurIPS 2024): DPO LoRA on SDEdit pairs"),
     },
     "attacks": {
     },

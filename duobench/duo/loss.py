@@ -1,0 +1,460 @@
+"""DUO's loss and training loop, in one file that reads against the paper (Park et al., NeurIPS 2024).
+
+The official code (`naver-ai/DUO`, ``train/unlearn-sd.py``) trains a LoRA with a Diffusion-DPO-style
+preference loss. The SDEdit-safe image x⁺ is preferred and the unsafe image x⁻ dispreferred. The reference
+model is the same UNet with the adapter switched off. Per pair i (ε-prediction, errors averaged over C,H,W):
+
+    ℓθ⁻ = ‖εθ(x⁻_t, t, ∅) − ε‖²      ℓref⁻ = the same with the adapter off      (t  ~ U{0..749})
+    ℓθ⁺ = ‖εθ(x⁺_t', t', ∅) − ε‖²    ℓref⁺ likewise                              (t' ~ U{0..749}, independent)
+    diff     = (ℓθ⁺ − ℓref⁺) − (ℓθ⁻ − ℓref⁻)
+    L_DPO    = mean_i −log σ(−β · diff_i)
+    L_prior  = mean ‖εθ(ε, 999, ∅) − εref(ε, 999, ∅)‖²        (the output-preserving term, on pure noise)
+    L        = L_DPO + λ_eff · L_prior
+
+Points to notice, all as in the official code:
+
+- the same ε noises x⁻_i and x⁺_i, and the pure-noise input of the prior term is that same ε;
+- every image draws its own timestep in ``[t_min, t_max)`` (the official ``t_min=1`` means
+  ``randint(max(t_min - 1, 0), t_max)``, that is ``[0, 750)``);
+- every input is conditioned on the empty prompt, so the training is text-unconditional;
+- there is no 0.5 factor on β as there is in Diffusion-DPO; ``learning_rate = base_lr·100/β`` and
+  ``λ_eff = base_lambda·β/100``, so LR·β and LR·λ_eff stay fixed as β is swept;
+- AdamW (weight decay 1e-2), gradient clipping at 1.0, constant LR, LoRA of rank 32 (alpha 32, Gaussian
+  init) on the self-attention projections only (``--no_cross_attn``);
+- 4 pairs per optimiser step (4 GPUs × 1 pair); here gradient accumulation over micro-batches gives the same
+  effective batch on any number of processes.
+
+One deliberate difference: the official code VAE-encodes every batch again and samples the latent from the
+posterior each time. We encode each image once and keep the posterior's mean and standard deviation, then
+draw a fresh latent from it every step. That is the same distribution, without re-running the encoder.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from duobench.errors import DuobenchError
+
+if TYPE_CHECKING:
+    from duobench.duo.method import DuoConfig
+
+logger = logging.getLogger(__name__)
+
+LORA_TARGETS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0")
+"""Self-attention projections only: the official scripts pass ``--no_cross_attn``."""
+TRAIN_ADAPTER = "duo_train"
+LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+
+
+def effective_learning_rate(base_lr: float, beta: float) -> float:
+    """The official rescaling: the DPO gradient grows with β, so the step size shrinks with it."""
+    return base_lr * 100.0 / beta
+
+
+def effective_lambda(base_lambda: float, beta: float) -> float:
+    """The official rescaling of the output-preserving weight, keeping λ_eff·LR fixed across β."""
+    return base_lambda * beta / 100.0
+
+
+# --------------------------------------------------------------------------------------------------- loss
+
+
+def duo_loss(
+    model_err_unsafe: torch.Tensor,
+    ref_err_unsafe: torch.Tensor,
+    model_err_safe: torch.Tensor,
+    ref_err_safe: torch.Tensor,
+    prior_err: torch.Tensor,
+    beta: float,
+    lam: float,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """DUO's objective from per-pair denoising errors (each shape ``(B,)``) and the prior MSE (a scalar).
+
+    Returns the loss and a few statistics for the log: the two halves of the loss, the two log-ratio
+    proxies, and the share of pairs the model already ranks the right way (``diff < 0``).
+    """
+    safe_log_ratio = model_err_safe - ref_err_safe
+    unsafe_log_ratio = model_err_unsafe - ref_err_unsafe
+    diff = safe_log_ratio - unsafe_log_ratio
+    dpo = -F.logsigmoid(-beta * diff).mean()
+    loss = dpo + lam * prior_err
+    stats = {
+        "loss": loss.item(),
+        "dpo": dpo.item(),
+        "prior": prior_err.item(),
+        "safe_log_ratio": safe_log_ratio.mean().item(),
+        "unsafe_log_ratio": unsafe_log_ratio.mean().item(),
+        "preference_accuracy": (diff < 0).float().mean().item(),
+    }
+    return loss, stats
+
+
+# --------------------------------------------------------------------------------------------------- data
+
+
+@dataclass
+class PairLatents:
+    """The VAE posterior (mean, std) of every pair's two images, already multiplied by the scaling factor."""
+
+    unsafe_mean: torch.Tensor
+    unsafe_std: torch.Tensor
+    safe_mean: torch.Tensor
+    safe_std: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.unsafe_mean.shape[0]
+
+    def to(self, device: torch.device) -> PairLatents:
+        return PairLatents(
+            *(t.to(device) for t in (self.unsafe_mean, self.unsafe_std, self.safe_mean, self.safe_std))
+        )
+
+    def sample(self, index: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """One fresh latent per image, as ``latent_dist.sample()`` would give."""
+        unsafe = self.unsafe_mean[index] + self.unsafe_std[index] * _randn_like(
+            self.unsafe_mean[index], generator
+        )
+        safe = self.safe_mean[index] + self.safe_std[index] * _randn_like(self.safe_mean[index], generator)
+        return unsafe, safe
+
+
+@torch.no_grad()
+def encode_pairs(
+    vae, unsafe_pixels: torch.Tensor, safe_pixels: torch.Tensor, batch_size: int = 8
+) -> PairLatents:
+    """Encode pixel tensors in [-1, 1] (``(N, 3, H, W)`` each) into their scaled latent posteriors (fp32)."""
+
+    def posterior(pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        means, stds = [], []
+        for chunk in pixels.split(batch_size):
+            dist = vae.encode(chunk.to(vae.device, vae.dtype)).latent_dist
+            means.append(dist.mean.float())
+            stds.append(dist.std.float())
+        scale = vae.config.scaling_factor
+        return torch.cat(means) * scale, torch.cat(stds) * scale
+
+    return PairLatents(*posterior(unsafe_pixels), *posterior(safe_pixels))
+
+
+@dataclass
+class DuoBatch:
+    """The inputs of one DUO forward pass: clean latents, their shared noise and independent timesteps."""
+
+    unsafe: torch.Tensor
+    safe: torch.Tensor
+    noise: torch.Tensor
+    t_unsafe: torch.Tensor
+    t_safe: torch.Tensor
+
+
+def sample_batch(
+    latents: PairLatents, index: torch.Tensor, t_min: int, t_max: int, generator: torch.Generator
+) -> DuoBatch:
+    """Draw latents for the pairs in ``index``, one noise per pair, and one timestep per image."""
+    unsafe, safe = latents.sample(index, generator)
+    noise = _randn_like(unsafe, generator)
+    size, device = unsafe.shape[0], unsafe.device
+    t_unsafe = torch.randint(t_min, t_max, (size,), generator=generator, device=device)
+    t_safe = torch.randint(t_min, t_max, (size,), generator=generator, device=device)
+    return DuoBatch(unsafe, safe, noise, t_unsafe, t_safe)
+
+
+def epoch_batches(
+    num_pairs: int, batch_pairs: int, rank: int, world: int, generator: torch.Generator
+) -> Iterator[torch.Tensor]:
+    """Endless shuffled epochs over the pairs, each process taking its own share (a DistributedSampler)."""
+    while True:
+        order = torch.randperm(num_pairs, generator=generator)[rank::world]
+        for start in range(0, len(order) - batch_pairs + 1, batch_pairs):
+            yield order[start : start + batch_pairs]
+        if len(order) < batch_pairs:
+            raise DuobenchError(
+                f"DUO needs at least {batch_pairs * world} pairs for {batch_pairs} pair(s) per micro-batch "
+                f"on {world} process(es), but the pair set has {num_pairs}."
+            )
+
+
+def _randn_like(tensor: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    return torch.randn(tensor.shape, generator=generator, device=tensor.device, dtype=tensor.dtype)
+
+
+# ---------------------------------------------------------------------------------------------- predict
+
+
+@contextmanager
+def adapters_disabled(unet) -> Iterator[None]:
+    """The reference model: the same UNet with its LoRA switched off."""
+    unet.disable_adapters()
+    try:
+        yield
+    finally:
+        unet.enable_adapters()
+
+
+def duo_errors(
+    unet, lora_unet, noise_scheduler, batch: DuoBatch, null_embedding: torch.Tensor
+) -> tuple[torch.Tensor, ...]:
+    """The five inputs of `duo_loss`: model and reference errors on x⁻ and x⁺, and the prior MSE.
+
+    ``unet`` is what carries gradients (maybe wrapped for multi-GPU); ``lora_unet`` is the bare module whose
+    adapter is switched off for the reference pass.
+    """
+    size = batch.noise.shape[0]
+    prior_t = torch.full_like(batch.t_unsafe, noise_scheduler.config.num_train_timesteps - 1)
+    model_input = torch.cat(
+        [
+            noise_scheduler.add_noise(batch.unsafe, batch.noise, batch.t_unsafe),
+            noise_scheduler.add_noise(batch.safe, batch.noise, batch.t_safe),
+            batch.noise,
+        ]
+    )
+    timesteps = torch.cat([batch.t_unsafe, batch.t_safe, prior_t])
+    condition = null_embedding.expand(3 * size, -1, -1)
+    dtype = lora_unet.dtype
+    model_pred = unet(model_input.to(dtype), timesteps, condition.to(dtype)).sample.float()
+    with torch.no_grad(), adapters_disabled(lora_unet):
+        ref_pred = lora_unet(model_input.to(dtype), timesteps, condition.to(dtype)).sample.float()
+    model_unsafe, model_safe, model_prior = model_pred.chunk(3)
+    ref_unsafe, ref_safe, ref_prior = ref_pred.chunk(3)
+
+    def per_sample_error(pred: torch.Tensor) -> torch.Tensor:
+        return ((pred - batch.noise) ** 2).mean(dim=(1, 2, 3))
+
+    return (
+        per_sample_error(model_unsafe),
+        per_sample_error(ref_unsafe),
+        per_sample_error(model_safe),
+        per_sample_error(ref_safe),
+        F.mse_loss(model_prior, ref_prior),
+    )
+
+
+# ------------------------------------------------------------------------------------------------- LoRA
+
+
+@contextmanager
+def lora_attached(unet, rank: int, alpha: float) -> Iterator[list[torch.nn.Parameter]]:
+    """Attach a fresh trainable LoRA to ``unet`` and yield its parameters; remove it afterwards.
+
+    The base weights are frozen meanwhile and their ``requires_grad`` flags, the train/eval mode and the
+    module tree are restored on exit, so the caller's pipeline is left exactly as it was.
+    """
+    from diffusers.training_utils import cast_training_params
+    from peft import LoraConfig
+
+    if getattr(unet, "peft_config", None):
+        raise DuobenchError(
+            f"DUO trains from the base model, but this UNet already carries LoRA adapter(s) "
+            f"{sorted(unet.peft_config)}; call `pipe.unload_lora_weights()` first."
+        )
+    requires_grad = {name: p.requires_grad for name, p in unet.named_parameters()}
+    was_training = unet.training
+    unet.requires_grad_(False)
+    config = LoraConfig(
+        r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(LORA_TARGETS)
+    )
+    unet.add_adapter(config, adapter_name=TRAIN_ADAPTER)
+    cast_training_params(unet, dtype=torch.float32)  # LoRA in fp32 even when the base runs in fp16
+    try:
+        yield [p for p in unet.parameters() if p.requires_grad]
+    finally:
+        unet.unload_lora()
+        for name, parameter in unet.named_parameters():
+            parameter.requires_grad_(requires_grad[name])
+        unet.train(was_training)
+
+
+def save_lora(unet, folder: Path) -> Path:
+    """Write the trained adapter as ``pytorch_lora_weights.safetensors``, loadable by `load_lora_weights`."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(unet, adapter_name=TRAIN_ADAPTER)
+    state = {name: tensor.detach().float().cpu().contiguous() for name, tensor in state.items()}
+    folder.mkdir(parents=True, exist_ok=True)
+    StableDiffusionPipeline.save_lora_weights(
+        save_directory=folder,
+        unet_lora_layers=convert_state_dict_to_diffusers(state),
+        weight_name=LORA_WEIGHTS_NAME,
+        unet_lora_adapter_metadata=unet.peft_config[TRAIN_ADAPTER].to_dict(),
+    )
+    return folder / LORA_WEIGHTS_NAME
+
+
+# ------------------------------------------------------------------------------------------------- loop
+
+
+def train_lora(
+    unet,
+    noise_scheduler,
+    latents: PairLatents,
+    null_embedding: torch.Tensor,
+    config: DuoConfig,
+    out_dir: Path,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+) -> list[dict[str, float]]:
+    """Train one DUO LoRA on ``unet`` and save it into ``out_dir``; return the per-step log.
+
+    Plain loop: sample pairs, predict with and without the adapter, loss, step. accelerate supplies the
+    device, mixed precision, multi-GPU gradient averaging and gradient accumulation (so ``pairs_per_step``
+    pairs make one optimiser step whatever the number of processes). A checkpoint of the adapter is saved
+    every ``checkpoint_every`` steps; a non-finite or diverging loss stops training with a `DuobenchError`
+    that names the last good checkpoint.
+    """
+    from accelerate import Accelerator, PartialState
+
+    if noise_scheduler.config.prediction_type != "epsilon":
+        raise DuobenchError(
+            f"DUO's loss is defined for ε-prediction models (SD1.x); this model predicts "
+            f"{noise_scheduler.config.prediction_type!r}."
+        )
+    world = PartialState(cpu=unet.device.type == "cpu").num_processes
+    if config.pairs_per_step % (config.micro_batch_pairs * world):
+        raise DuobenchError(
+            f"pairs_per_step={config.pairs_per_step} must be a multiple of micro_batch_pairs="
+            f"{config.micro_batch_pairs} × {world} process(es)."
+        )
+    accumulation = config.pairs_per_step // (config.micro_batch_pairs * world)
+    mixed_precision = _mixed_precision(config.mixed_precision, unet.dtype)
+    try:
+        accelerator = Accelerator(
+            cpu=unet.device.type == "cpu",
+            mixed_precision=mixed_precision,
+            gradient_accumulation_steps=accumulation,
+        )
+    except ValueError as error:  # accelerate's process-wide state was set up differently earlier
+        raise DuobenchError(
+            f"Cannot train DUO with mixed_precision={mixed_precision!r} on {unet.device.type}: {error} "
+            "Train in a fresh process, or set mixed_precision to the one this process already uses."
+        ) from error
+    original_device = unet.device
+    learning_rate = effective_learning_rate(config.base_lr, config.beta)
+    lam = effective_lambda(config.base_lambda, config.beta)
+    with lora_attached(unet, config.lora_rank, config.lora_alpha) as lora_parameters:
+        optimizer = torch.optim.AdamW(
+            lora_parameters, lr=learning_rate, betas=(0.9, 0.999), eps=1e-8, weight_decay=config.weight_decay
+        )
+        model, optimizer = accelerator.prepare(unet, optimizer)
+        try:
+            history = _loop(
+                model,
+                unet,
+                optimizer,
+                accelerator,
+                accumulation,
+                noise_scheduler,
+                latents,
+                null_embedding,
+                config,
+                lam,
+                out_dir,
+                on_step,
+            )
+            if accelerator.is_main_process:
+                save_lora(unet, out_dir)
+            accelerator.wait_for_everyone()
+        finally:
+            accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+            accelerator.free_memory()
+            unet.to(original_device)
+    return history
+
+
+def _loop(
+    model,
+    unet,
+    optimizer,
+    accelerator,
+    accumulation,
+    noise_scheduler,
+    latents,
+    null_embedding,
+    config,
+    lam,
+    out_dir,
+    on_step,
+) -> list[dict[str, float]]:
+    device = accelerator.device
+    latents = latents.to(device)
+    null_embedding = null_embedding.to(device)
+    generator = torch.Generator(device).manual_seed(config.seed + accelerator.process_index)
+    order_generator = torch.Generator().manual_seed(config.seed)  # same shuffle on every process
+    batches = epoch_batches(
+        len(latents),
+        config.micro_batch_pairs,
+        accelerator.process_index,
+        accelerator.num_processes,
+        order_generator,
+    )
+    model.train()
+    history: list[dict[str, float]] = []
+    last_checkpoint: Path | None = None
+    for step in range(1, config.steps + 1):
+        micro_stats = []
+        for _ in range(accumulation):
+            with accelerator.accumulate(model):
+                batch = sample_batch(latents, next(batches).to(device), config.t_min, config.t_max, generator)
+                errors = duo_errors(model, unet, noise_scheduler, batch, null_embedding)
+                loss, stats = duo_loss(*errors, beta=config.beta, lam=lam)
+                _stop_if_bad(accelerator, loss, config.divergence_loss, step, last_checkpoint)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                    stats["grad_norm"] = float(grad_norm)
+                optimizer.step()
+                optimizer.zero_grad()
+                micro_stats.append(stats)
+        record = {"step": step, **{key: _mean(s.get(key) for s in micro_stats) for key in micro_stats[-1]}}
+        if accelerator.scaler is None and not math.isfinite(record["grad_norm"]):
+            raise DuobenchError(
+                _stop_message(step, f"gradient norm is {record['grad_norm']}", last_checkpoint)
+            )
+        history.append(record)
+        if on_step is not None:
+            on_step(step, record)
+        if step % config.checkpoint_every == 0 and step < config.steps:
+            last_checkpoint = out_dir / f"checkpoint-{step}"
+            if accelerator.is_main_process:
+                save_lora(unet, last_checkpoint)
+                logger.info("DUO step %d: %s; saved %s", step, record, last_checkpoint)
+    return history
+
+
+def _stop_if_bad(
+    accelerator, loss: torch.Tensor, divergence_loss: float, step: int, last: Path | None
+) -> None:
+    """Stop every process together when any one sees a non-finite or diverged loss."""
+    value = loss.detach().float()
+    bad = torch.tensor(float(not torch.isfinite(value) or value > divergence_loss), device=value.device)
+    if accelerator.reduce(bad, reduction="sum").item() > 0:
+        reason = f"loss is {value.item()}" + ("" if not torch.isfinite(value) else f" > {divergence_loss}")
+        raise DuobenchError(_stop_message(step, reason, last))
+
+
+def _stop_message(step: int, reason: str, last: Path | None) -> str:
+    kept = f"The last good checkpoint is {last}." if last else "No checkpoint had been saved yet."
+    return (
+        f"DUO training stopped at step {step}: the {reason}, so training diverged. {kept} Lower base_lr, "
+        "raise beta, or check the pair images."
+    )
+
+
+def _mean(values) -> float:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values)
+
+
+def _mixed_precision(setting: str, dtype: torch.dtype) -> str:
+    if setting != "auto":
+        return setting
+    return {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "no")
