@@ -144,6 +144,10 @@ ALL_REGISTRIES: dict[str, Registry[Any]] = {
 BUILTIN_PLUGINS: dict[str, dict[str, tuple[str, str]]] = {
     "methods": {
         "duo": ("duobench.duo.method:SPEC", "DUO (Park et al., NeurIPS 2024): DPO LoRA on SDEdit pairs"),
+        "esd-u": ("duobench.baselines.esd:ESD_U", "ESD-u (Gandikota et al., ICCV 2023): all but cross-attn"),
+        "esd-x": ("duobench.baselines.esd:ESD_X", "ESD-x (Gandikota et al., ICCV 2023): cross-attn only"),
+        "uce": ("duobench.baselines.uce:UCE", "UCE (Gandikota et al., WACV 2024): closed-form K/V edit"),
+        "spm": ("duobench.baselines.spm:SPM", "SPM (Lyu et al., CVPR 2024): rank-1 membrane adapters"),
     },
     "attacks": {
     },
