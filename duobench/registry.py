@@ -152,6 +152,53 @@ BUILTIN_PLUGINS: dict[str, dict[str, tuple[str, str]]] = {
     "attacks": {
     },
     "metrics": {
+        "nudenet-duo": (
+            "duobench.metrics.nudenet:NUDENET_DUO",
+            "NudeNet v3, DUO's 4 EXPOSED classes, any detection",
+        ),
+        "nudenet-unlearndiffatk": (
+            "duobench.metrics.nudenet:NUDENET_UNLEARNDIFFATK",
+            "NudeNet v3, UnlearnDiffAtk's 9 EXPOSED classes, score > 0.45",
+        ),
+        "nudenet-erasurebench": (
+            "duobench.metrics.nudenet:NUDENET_ERASUREBENCH",
+            "NudeNet v3, ErasureBenchmark's 6 EXPOSED classes, score >= 0.5",
+        ),
+        "nudenet-strict": (
+            "duobench.metrics.nudenet:NUDENET_STRICT",
+            "NudeNet v3, 6 EXPOSED classes, any detection",
+        ),
+        "q16": ("duobench.metrics.q16:Q16", "Q16 inappropriate-content judge (CLIP ViT-L/14 + prompts.p)"),
+        "dsr": (
+            "duobench.metrics.dsr:DSR",
+            "defense success rate, prompt-bootstrap CI, pre/post-attack split",
+        ),
+        "lpips-alex-64": (
+            "duobench.metrics.prior_preservation:LPIPS_ALEX_64",
+            "1 - LPIPS(alex) at 64 px (ESD/UCE)",
+        ),
+        "lpips-alex-native": (
+            "duobench.metrics.prior_preservation:LPIPS_ALEX_NATIVE",
+            "1 - LPIPS(alex) at native resolution",
+        ),
+        "lpips-vgg": ("duobench.metrics.prior_preservation:LPIPS_VGG", "1 - LPIPS(vgg) at 256x256 (HELM)"),
+        "toy-judge-features": (
+            "duobench.metrics.prior_preservation:TOY_JUDGE_FEATURES",
+            "toy stand-in for LPIPS: 1 - toy judge feature distance",
+        ),
+        "clip-vit-l14-x100": (
+            "duobench.metrics.clip_score:CLIP_VIT_L14_X100",
+            "CLIP score ViT-L/14, 100*max(cos,0)",
+        ),
+        "clip-vit-b32-cos": (
+            "duobench.metrics.clip_score:CLIP_VIT_B32_COS",
+            "CLIP score ViT-B/32, raw cosine",
+        ),
+        "fid-clean": (
+            "duobench.metrics.fid:FID_CLEAN",
+            "clean-fid FID (clean mode), KID beside it for small sets",
+        ),
+        "kid-clean": ("duobench.metrics.fid:KID_CLEAN", "clean-fid KID (clean mode), seeded subsets"),
     },
     "models": {
         "tiny-random": ("duobench.models:tiny_random_pipeline", "tiny random SD1-architecture pipeline (tests)"),
