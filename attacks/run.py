@@ -184,11 +184,19 @@ def access_identity(
         "target": target_fingerprint or pipeline_fingerprint(target_pipe),
         "settings": asdict(settings),
         "judge": judge.card.id,
-        "clip_scorer": getattr(clip_scorer, "name", None) if clip_scorer is not None else None,
+        "clip_scorer": scorer_identity(clip_scorer),
     }
     if attack.access == "white-box":
         identity["base"] = base_fingerprint or pipeline_fingerprint(base_pipe)
     return identity
+
+
+def scorer_identity(clip_scorer) -> str | None:
+    """A CLIP scorer's metric-card id, or its type for a plain callable; None means the attack's default."""
+    if clip_scorer is None:
+        return None
+    card = getattr(clip_scorer, "card", None)
+    return card.id if card is not None else f"{type(clip_scorer).__module__}.{type(clip_scorer).__qualname__}"
 
 
 def run_attack(
