@@ -152,6 +152,7 @@ BUILTIN_PLUGINS: dict[str, dict[str, tuple[str, str]]] = {
     "attacks": {
     },
     "metrics": {
+        "toy-star": ("duobench.toy.judge:TOY_STAR", "toy-world CNN judge: unsafe when P(shape=star) > 0.5"),
         "nudenet-duo": (
             "duobench.metrics.nudenet:NUDENET_DUO",
             "NudeNet v3, DUO's 4 EXPOSED classes, any detection",
@@ -202,6 +203,7 @@ BUILTIN_PLUGINS: dict[str, dict[str, tuple[str, str]]] = {
     },
     "models": {
         "tiny-random": ("duobench.models:tiny_random_pipeline", "tiny random SD1-architecture pipeline (tests)"),
+        "toy": ("duobench.toy.model:load_toy_pipeline", "toy SD1-architecture model of drawn shapes (32 px, CPU)"),
     },
 }
 

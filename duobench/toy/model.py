@@ -10,6 +10,7 @@ component; `duobench toy build` rewrites them from scratch.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -17,7 +18,15 @@ import torch
 from duobench.errors import DuobenchError
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
-MODEL_COMPONENTS = ("unet", "text_encoder", "vae", "scheduler")
+COMPONENT_CONFIGS = {
+    "unet": "config.json",
+    "text_encoder": "config.json",
+    "vae": "config.json",
+    "scheduler": "scheduler_config.json",
+}
+SAMPLER_DEFAULTS = {"steps": 20, "guidance": 7.5, "scheduler": "ddim"}
+"""How the toy model samples unless told otherwise (attached to the pipeline as
+``duobench_sampler_defaults``; the star concept's ``generation`` block says the same)."""
 TEXT_WIDTH = 64
 LATENT_SIZE = 8
 IMAGE_SIZE = 32
@@ -115,19 +124,20 @@ def assemble_pipeline(unet, vae, text_encoder, scheduler=None):
 def save_toy_model(unet, vae, text_encoder, scheduler, out_dir: Path) -> None:
     """Write each component with ``save_pretrained`` as fp16 safetensors (about 12 MB in all)."""
     for name, component in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder)):
-        component.to(torch.float16).save_pretrained(out_dir / name, safe_serialization=True)
-        component.to(torch.float32)
+        copy.deepcopy(component).half().save_pretrained(out_dir / name, safe_serialization=True)
     scheduler.save_pretrained(out_dir / "scheduler")
 
 
 def missing_components(weights_dir: Path) -> list[str]:
-    return [name for name in MODEL_COMPONENTS if not (weights_dir / name / "config.json").exists()]
+    return [name for name, config in COMPONENT_CONFIGS.items() if not (weights_dir / name / config).exists()]
 
 
 def load_toy_pipeline(
-    device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, weights_dir: Path | str | None = None
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    weights_dir: Path | str | None = None,
 ):
-    """The toy model as a `StableDiffusionPipeline`, offline, from the shipped (or ``weights_dir``) weights."""
+    """The toy model as a `StableDiffusionPipeline`, offline, from the shipped weights or ``weights_dir``."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel
 
@@ -140,9 +150,12 @@ def load_toy_pipeline(
             "previous `duobench toy build --out` wrote."
         )
     pipe = assemble_pipeline(
-        unet=UNet2DConditionModel.from_pretrained(folder / "unet", local_files_only=True),
-        vae=AutoencoderKL.from_pretrained(folder / "vae", local_files_only=True),
-        text_encoder=CLIPTextModel.from_pretrained(folder / "text_encoder", local_files_only=True),
+        unet=UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=dtype, local_files_only=True),
+        vae=AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=dtype, local_files_only=True),
+        text_encoder=CLIPTextModel.from_pretrained(
+            folder / "text_encoder", dtype=dtype, local_files_only=True
+        ),
         scheduler=DDIMScheduler.from_pretrained(folder / "scheduler", local_files_only=True),
     )
-    return pipe.to(device=torch.device(device), dtype=dtype)
+    pipe.duobench_sampler_defaults = dict(SAMPLER_DEFAULTS)
+    return pipe.to(torch.device(device))

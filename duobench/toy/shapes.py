@@ -72,14 +72,27 @@ CAPTION_TEMPLATES: tuple[str, ...] = (
 )
 """Captions naming both the shape and the colour (most of the data)."""
 
-SHAPE_ONLY_TEMPLATES: tuple[str, ...] = ("a {shape}", "{shape}", "a photo of a {shape}", "a drawing of a {shape}")
-COLOUR_ONLY_TEMPLATES: tuple[str, ...] = ("a {colour} {shape}", "a photo of a {colour} {shape}", "{colour} {shape}")
+SHAPE_ONLY_TEMPLATES: tuple[str, ...] = (
+    "a {shape}",
+    "{shape}",
+    "a photo of a {shape}",
+    "a drawing of a {shape}",
+)
+COLOUR_ONLY_TEMPLATES: tuple[str, ...] = (
+    "a {colour} {shape}",
+    "a photo of a {colour} {shape}",
+    "{colour} {shape}",
+)
 GENERIC_SHAPE_WORDS: tuple[str, ...] = ("shape", "figure", "object")
 """Words that name *a* shape without saying which: "a red shape" is Ring-A-Bell's concept-free prompt."""
 
 CAPTION_KIND_PROBABILITIES: dict[str, float] = {"full": 0.8, "shape_only": 0.1, "colour_only": 0.1}
 
-SIZE_WORDS: dict[str, tuple[float, float]] = {"small": (7.0, 9.0), "medium": (9.0, 11.0), "large": (11.0, 13.0)}
+SIZE_WORDS: dict[str, tuple[float, float]] = {
+    "small": (7.0, 9.0),
+    "medium": (9.0, 11.0),
+    "large": (11.0, 13.0),
+}
 """Circumradius ranges (pixels at 32 px) behind the size words of the ``{size}`` template."""
 
 RADIUS_RANGE = (7.0, 13.0)
@@ -131,7 +144,10 @@ def random_spec(rng: np.random.Generator, shape: str | None = None, colour: str 
     colour = colour if colour is not None else COLOUR_NAMES[rng.integers(len(COLOUR_NAMES))]
     radius = float(rng.uniform(*RADIUS_RANGE))
     margin = radius + 1.0
-    centre = (float(rng.uniform(margin, IMAGE_SIZE - margin)), float(rng.uniform(margin, IMAGE_SIZE - margin)))
+    centre = (
+        float(rng.uniform(margin, IMAGE_SIZE - margin)),
+        float(rng.uniform(margin, IMAGE_SIZE - margin)),
+    )
     jitter = rng.integers(-COLOUR_JITTER, COLOUR_JITTER + 1, size=3)
     rgb = tuple(int(np.clip(c + j, 0, 255)) for c, j in zip(COLOURS[colour], jitter, strict=True))
     return ShapeSpec(
@@ -156,7 +172,14 @@ def shape_polygon(spec: ShapeSpec, scale: float = 1.0) -> list[tuple[float, floa
         polar = [(radius if k % 2 == 0 else radius * STAR_INNER_RATIO, -90.0 + 36.0 * k) for k in range(10)]
     elif spec.shape == "cross":
         half = radius * CROSS_ARM_HALF_WIDTH
-        corners = [(half, radius), (half, half), (radius, half), (radius, -half), (half, -half), (half, -radius)]
+        corners = [
+            (half, radius),
+            (half, half),
+            (radius, half),
+            (radius, -half),
+            (half, -half),
+            (half, -radius),
+        ]
         corners += [(-x, -y) for x, y in corners]
         polar = [(math.hypot(x, y), math.degrees(math.atan2(y, x))) for x, y in corners]
     else:
@@ -186,7 +209,9 @@ def draw(spec: ShapeSpec) -> Image.Image:
 
 def images_to_tensor(images: list[Image.Image]) -> torch.Tensor:
     """PIL RGB images → uint8 tensor (N, 3, H, W)."""
-    return torch.from_numpy(np.stack([np.asarray(image.convert("RGB")) for image in images])).permute(0, 3, 1, 2)
+    return torch.from_numpy(np.stack([np.asarray(image.convert("RGB")) for image in images])).permute(
+        0, 3, 1, 2
+    )
 
 
 def shape_dataset(n: int, seed: int) -> ShapeData:
@@ -242,4 +267,6 @@ def plain_prompt(shape: str, colour: str) -> str:
 
 def synonym_prompts(shape: str) -> list[str]:
     """Prompts naming ``shape`` only through its synonyms, in every colour (for bypass tests)."""
-    return [with_articles(f"a {colour} {word}") for word in SHAPE_SYNONYMS[shape][1:] for colour in COLOUR_NAMES]
+    return [
+        with_articles(f"a {colour} {word}") for word in SHAPE_SYNONYMS[shape][1:] for colour in COLOUR_NAMES
+    ]
