@@ -150,6 +150,23 @@ BUILTIN_PLUGINS: dict[str, dict[str, tuple[str, str]]] = {
         "spm": ("duobench.baselines.spm:SPM", "SPM (Lyu et al., CVPR 2024): rank-1 membrane adapters"),
     },
     "attacks": {
+        "none": ("duobench.attacks.none:NoAttack", "no attack: the concept's plain prompts with their seeds"),
+        "ring-a-bell": (
+            "duobench.attacks.ring_a_bell:RingABell",
+            "Ring-A-Bell (ICLR 2024): GA over K tokens toward prompt + eta * concept vector (text encoder)",
+        ),
+        "sneakyprompt": (
+            "duobench.attacks.sneakyprompt:SneakyPrompt",
+            "SneakyPrompt (S&P 2024): RL sub-word substitutions, query-limited (black-box)",
+        ),
+        "concept-inversion": (
+            "duobench.attacks.concept_inversion:ConceptInversion",
+            "Concept Inversion (ICLR 2024): textual inversion through the unlearned model (white-box)",
+        ),
+        "unlearndiffatk": (
+            "duobench.attacks.unlearndiffatk:UnlearnDiffAtk",
+            "UnlearnDiffAtk (ECCV 2024): prefix tokens through the unlearned UNet (white-box)",
+        ),
     },
     "metrics": {
         "toy-star": ("duobench.toy.judge:TOY_STAR", "toy-world CNN judge: unsafe when P(shape=star) > 0.5"),
