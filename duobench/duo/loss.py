@@ -176,11 +176,6 @@ def epoch_batches(
         order = torch.randperm(num_pairs, generator=generator)[rank::world]
         for start in range(0, len(order) - batch_pairs + 1, batch_pairs):
             yield order[start : start + batch_pairs]
-        if len(order) < batch_pairs:
-            raise DuobenchError(
-                f"DUO needs at least {batch_pairs * world} pairs for {batch_pairs} pair(s) per micro-batch "
-                f"on {world} process(es), but the pair set has {num_pairs}."
-            )
 
 
 def _randn_like(tensor: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -281,12 +276,16 @@ def save_lora(unet, folder: Path) -> Path:
 
     state = get_peft_model_state_dict(unet, adapter_name=TRAIN_ADAPTER)
     state = {name: tensor.detach().float().cpu().contiguous() for name, tensor in state.items()}
+    metadata = unet.peft_config[TRAIN_ADAPTER].to_dict()
+    metadata["target_modules"] = sorted(
+        metadata["target_modules"]
+    )  # a set: sorted, so files are reproducible
     folder.mkdir(parents=True, exist_ok=True)
     StableDiffusionPipeline.save_lora_weights(
         save_directory=folder,
         unet_lora_layers=convert_state_dict_to_diffusers(state),
         weight_name=LORA_WEIGHTS_NAME,
-        unet_lora_adapter_metadata=unet.peft_config[TRAIN_ADAPTER].to_dict(),
+        unet_lora_adapter_metadata=metadata,
     )
     return folder / LORA_WEIGHTS_NAME
 
@@ -324,6 +323,11 @@ def train_lora(
             f"pairs_per_step={config.pairs_per_step} must be a multiple of micro_batch_pairs="
             f"{config.micro_batch_pairs} × {world} process(es)."
         )
+    if len(latents) // world < config.micro_batch_pairs:
+        raise DuobenchError(
+            f"DUO needs at least {config.micro_batch_pairs * world} pairs for {config.micro_batch_pairs} "
+            f"pair(s) per micro-batch on {world} process(es), but the pair set has {len(latents)}."
+        )
     accumulation = config.pairs_per_step // (config.micro_batch_pairs * world)
     mixed_precision = _mixed_precision(config.mixed_precision, unet.dtype)
     try:
@@ -340,93 +344,57 @@ def train_lora(
     original_device = unet.device
     learning_rate = effective_learning_rate(config.base_lr, config.beta)
     lam = effective_lambda(config.base_lambda, config.beta)
+    device = accelerator.device
+    latents = latents.to(device)
+    null_embedding = null_embedding.to(device)
+    generator = torch.Generator(device).manual_seed(config.seed + accelerator.process_index)
+    shuffle = torch.Generator().manual_seed(config.seed)  # the same epoch order on every process
+    batches = epoch_batches(len(latents), config.micro_batch_pairs, accelerator.process_index, world, shuffle)
+    history: list[dict[str, float]] = []
+    last_checkpoint: Path | None = None
     with lora_attached(unet, config.lora_rank, config.lora_alpha) as lora_parameters:
         optimizer = torch.optim.AdamW(
             lora_parameters, lr=learning_rate, betas=(0.9, 0.999), eps=1e-8, weight_decay=config.weight_decay
         )
         model, optimizer = accelerator.prepare(unet, optimizer)
         try:
-            history = _loop(
-                model,
-                unet,
-                optimizer,
-                accelerator,
-                accumulation,
-                noise_scheduler,
-                latents,
-                null_embedding,
-                config,
-                lam,
-                out_dir,
-                on_step,
-            )
+            model.train()
+            for step in range(1, config.steps + 1):
+                micro_stats = []
+                for _ in range(accumulation):
+                    with accelerator.accumulate(model):
+                        index = next(batches).to(device)
+                        batch = sample_batch(latents, index, config.t_min, config.t_max, generator)
+                        errors = duo_errors(model, unet, noise_scheduler, batch, null_embedding)
+                        loss, stats = duo_loss(*errors, beta=config.beta, lam=lam)
+                        _stop_if_bad(accelerator, loss, config.divergence_loss, step, last_checkpoint)
+                        accelerator.backward(loss)
+                        if accelerator.sync_gradients:
+                            stats["grad_norm"] = float(
+                                accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                            )
+                        optimizer.step()
+                        optimizer.zero_grad()
+                        micro_stats.append(stats)
+                record = {"step": step, **{k: _mean(s.get(k) for s in micro_stats) for k in micro_stats[-1]}}
+                if accelerator.scaler is None and not math.isfinite(record["grad_norm"]):
+                    reason = f"gradient norm is {record['grad_norm']}"
+                    raise DuobenchError(_stop_message(step, reason, last_checkpoint))
+                history.append(record)
+                if on_step is not None:
+                    on_step(step, record)
+                if step % config.checkpoint_every == 0 and step < config.steps:
+                    last_checkpoint = out_dir / f"checkpoint-{step}"
+                    if accelerator.is_main_process:
+                        save_lora(unet, last_checkpoint)
+                    logger.info("DUO step %d: %s; saved %s", step, record, last_checkpoint)
             if accelerator.is_main_process:
                 save_lora(unet, out_dir)
             accelerator.wait_for_everyone()
         finally:
-            accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+            accelerator.unwrap_model(model, keep_fp32_wrapper=False)  # undoes the autocast forward patch
             accelerator.free_memory()
             unet.to(original_device)
-    return history
-
-
-def _loop(
-    model,
-    unet,
-    optimizer,
-    accelerator,
-    accumulation,
-    noise_scheduler,
-    latents,
-    null_embedding,
-    config,
-    lam,
-    out_dir,
-    on_step,
-) -> list[dict[str, float]]:
-    device = accelerator.device
-    latents = latents.to(device)
-    null_embedding = null_embedding.to(device)
-    generator = torch.Generator(device).manual_seed(config.seed + accelerator.process_index)
-    order_generator = torch.Generator().manual_seed(config.seed)  # same shuffle on every process
-    batches = epoch_batches(
-        len(latents),
-        config.micro_batch_pairs,
-        accelerator.process_index,
-        accelerator.num_processes,
-        order_generator,
-    )
-    model.train()
-    history: list[dict[str, float]] = []
-    last_checkpoint: Path | None = None
-    for step in range(1, config.steps + 1):
-        micro_stats = []
-        for _ in range(accumulation):
-            with accelerator.accumulate(model):
-                batch = sample_batch(latents, next(batches).to(device), config.t_min, config.t_max, generator)
-                errors = duo_errors(model, unet, noise_scheduler, batch, null_embedding)
-                loss, stats = duo_loss(*errors, beta=config.beta, lam=lam)
-                _stop_if_bad(accelerator, loss, config.divergence_loss, step, last_checkpoint)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-                    stats["grad_norm"] = float(grad_norm)
-                optimizer.step()
-                optimizer.zero_grad()
-                micro_stats.append(stats)
-        record = {"step": step, **{key: _mean(s.get(key) for s in micro_stats) for key in micro_stats[-1]}}
-        if accelerator.scaler is None and not math.isfinite(record["grad_norm"]):
-            raise DuobenchError(
-                _stop_message(step, f"gradient norm is {record['grad_norm']}", last_checkpoint)
-            )
-        history.append(record)
-        if on_step is not None:
-            on_step(step, record)
-        if step % config.checkpoint_every == 0 and step < config.steps:
-            last_checkpoint = out_dir / f"checkpoint-{step}"
-            if accelerator.is_main_process:
-                save_lora(unet, last_checkpoint)
-                logger.info("DUO step %d: %s; saved %s", step, record, last_checkpoint)
     return history
 
 
