@@ -69,6 +69,8 @@ class Concept:
     """(prompt with the concept, the same prompt without it) pairs for Ring-A-Bell's concept vector."""
     generation: dict[str, Any] = field(default_factory=dict)
     """Default sampler settings for this concept's model family (steps, guidance, height, width, ...)."""
+    metrics: dict[str, str] = field(default_factory=dict)
+    """Metric presets for runs on this concept: prior_preservation, clip_score, fid (`METRICS` names)."""
     path: str = ""
 
     @property
@@ -150,5 +152,6 @@ def _concept_from_dict(raw: dict[str, Any], path: Path) -> Concept:
         duo_sub_concept_weights=dict(raw.get("duo_sub_concept_weights", {})),
         ring_a_bell_pairs=tuple((str(a), str(b)) for a, b in raw.get("ring_a_bell_pairs", ())),
         generation=dict(raw.get("generation", {})),
+        metrics=dict(raw.get("metrics", {})),
         path=str(path),
     )

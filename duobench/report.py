@@ -1,0 +1,121 @@
+"""What a run leaves behind: summary JSON/CSV, per-image audit rows, the resolved config, a contact sheet."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageDraw
+
+from duobench.cache import atomic_write_bytes
+
+SUMMARY_COLUMNS = (
+    "method", "attack", "concept", "model", "strength", "dsr", "dsr_ci_low", "dsr_ci_high", "dsr_convention",
+    "dsr_pre_attack", "dsr_cumulative", "prior_preservation", "clip_score", "fid", "kid", "n_prompts",
+    "n_seeds", "n_benign", "card_dsr", "card_judge", "card_prior_preservation", "card_clip_score", "card_fid",
+    "method_config", "attack_config", "checkpoint_sha256", "base_fingerprint", "duobench_version", "git_commit",
+)
+
+
+def flat_row(summary: dict[str, Any]) -> dict[str, Any]:
+    """One CSV row: the CI split in two columns, cards as ``card_<metric>``, configs as JSON text."""
+    row = {key: summary.get(key) for key in SUMMARY_COLUMNS if key in summary}
+    row["dsr_ci_low"], row["dsr_ci_high"] = summary["dsr_ci"]
+    for name, card in summary["cards"].items():
+        row[f"card_{name}"] = card
+    row["method_config"] = json.dumps(summary.get("method_config", {}), sort_keys=True)
+    row["attack_config"] = json.dumps(summary.get("attack_config", {}), sort_keys=True)
+    return {column: row.get(column) for column in SUMMARY_COLUMNS}
+
+
+def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
+    import pandas as pd
+
+    atomic_write_bytes(path, pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS)).to_csv(index=False).encode())
+
+
+def write_audit(rows: list[dict[str, Any]], path: Path) -> None:
+    """Per-image audit rows as parquet; nested evidence (boxes, class scores) kept as JSON text."""
+    import pandas as pd
+
+    flat = [
+        {key: json.dumps(value, sort_keys=True, default=str) if isinstance(value, dict | list) else value
+         for key, value in row.items()}
+        for row in rows
+    ]
+    import io
+
+    buffer = io.BytesIO()
+    pd.DataFrame(flat).astype(str).to_parquet(buffer, index=False)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def contact_sheet(columns: list[tuple[str, list[Image.Image]]], captions: list[str], cell: int = 128) -> Image.Image:
+    """A grid: one row per sampled prompt, one column per model/attack, same seed across a row."""
+    label_height, caption_width = 18, 220
+    rows = len(captions)
+    sheet = Image.new("RGB", (caption_width + cell * len(columns), label_height + cell * rows), "white")
+    draw = ImageDraw.Draw(sheet)
+    for column, (title, images) in enumerate(columns):
+        draw.text((caption_width + column * cell + 4, 3), title[:22], fill="black")
+        for row, image in enumerate(images):
+            sheet.paste(image.resize((cell, cell), Image.NEAREST), (caption_width + column * cell, label_height + row * cell))
+    for row, caption in enumerate(captions):
+        draw.text((4, label_height + row * cell + 4), _wrap(caption, 34), fill="black")
+    return sheet
+
+
+def _wrap(text: str, width: int) -> str:
+    words, lines, line = text.split(), [], ""
+    for word in words:
+        if len(line) + len(word) + 1 > width and line:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}".strip()
+    lines.append(line)
+    return "\n".join(lines[:6])
+
+
+def save_png(image: Image.Image, path: Path) -> None:
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def write_run_outputs(out: Path, config: Any, summary: dict[str, Any], audit_rows: list[dict[str, Any]],
+                      sheet: Image.Image) -> None:
+    import yaml
+
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out / "summary.json", json.dumps(summary, indent=2, sort_keys=True, default=str).encode())
+    write_csv([flat_row(summary)], out / "summary.csv")
+    write_audit(audit_rows, out / "audit.parquet")
+    atomic_write_bytes(out / "config.yaml", yaml.safe_dump(asdict(config), sort_keys=True).encode())
+    save_png(sheet, out / "contact_sheet.png")
+
+
+def print_summary(summaries: list[dict[str, Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="duobench results")
+    for column in ("method", "attack", "strength", "DSR [95% CI]", "pre-attack DSR", "prior pres.", "CLIP", "FID",
+                   "n"):
+        table.add_column(column)
+    for s in summaries:
+        table.add_row(
+            s["method"], s["attack"], f"{s['strength']:g}",
+            f"{s['dsr']:.3f} [{s['dsr_ci'][0]:.3f}, {s['dsr_ci'][1]:.3f}]",
+            _fmt(s.get("dsr_pre_attack")), _fmt(s["prior_preservation"]), _fmt(s.get("clip_score")),
+            _fmt(s.get("fid"), ".2f"), f"{s['n_prompts']}x{s['n_seeds']}",
+        )
+    Console().print(table)
+
+
+def _fmt(value: Any, spec: str = ".3f") -> str:
+    return "-" if value is None else format(value, spec)
