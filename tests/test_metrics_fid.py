@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from duobench.errors import DuobenchError
-from duobench.metrics.fid import FID_CLEAN, KID_CLEAN, kernel_distance
+from duobench.metrics.fid import FID_CLEAN, KID_CLEAN, canonical_order, kernel_distance
 
 cleanfid_fid = pytest.importorskip("cleanfid.fid")
 FEATURE_DIM = 12
@@ -88,12 +88,16 @@ def test_kid_beside_fid_equals_clean_fid_kernel_distance(folders):
     reference_features = extractor(
         [Image.open(p).convert("RGB") for p in sorted(paths["reference"].glob("*.png"))]
     )
+    generated_features = canonical_order(extractor(generated))
     np.random.seed(5)
-    expected = cleanfid_fid.kernel_distance(reference_features, extractor(generated))
+    expected = cleanfid_fid.kernel_distance(reference_features, generated_features)
     assert kid == pytest.approx(expected, rel=1e-6)
-    assert kernel_distance(reference_features, extractor(generated), seed=5) == pytest.approx(
+    assert kernel_distance(reference_features, generated_features, seed=5) == pytest.approx(
         expected, rel=1e-6
     )
+    reordered = build(FID_CLEAN, str(paths["reference"]), seed=5)
+    reordered.update(generated[::-1])
+    assert reordered.compute()["kid"] == pytest.approx(kid, rel=1e-9), "KID must not depend on arrival order"
 
 
 def test_features_past_the_limit_are_dropped_but_fid_stays_exact(folders):

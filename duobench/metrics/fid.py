@@ -11,7 +11,8 @@ FID is biased and its covariance is rank-deficient below 2048 images, so ``fid-c
 features while there are at most 2048 of them and then reports KID (clean-fid's ``kernel_distance``:
 100 random subsets of up to 1000, cubic polynomial kernel) beside FID; ``kid-clean`` keeps them always.
 clean-fid draws KID's subsets from numpy's global random state; ours come from a seeded generator, with
-the same draws as clean-fid after ``np.random.seed(seed)``.
+the same draws as clean-fid after ``np.random.seed(seed)``, over the generated features sorted into a
+canonical row order (so KID does not depend on batch order or the number of processes).
 
 The reference is a folder of images (listed and read as clean-fid does; its statistics are cached under
 ``$DUOBENCH_HOME/fid-stats``), a clean-fid ``.npz`` (``mu``/``sigma`` for FID, ``feats`` for KID), or a
@@ -140,6 +141,12 @@ def kernel_distance(
     return float(total / num_subsets / size)
 
 
+def canonical_order(features: np.ndarray) -> np.ndarray:
+    """Rows sorted lexicographically: KID's random subsets are drawn by row index, so without a fixed
+    order KID would depend on which process judged which image and in what order batches arrived."""
+    return features[np.lexsort(features.T[::-1])]
+
+
 class InceptionDistances(StreamingMetric):
     """Streaming clean-fid FID (and KID while raw features are kept) of images against a reference."""
 
@@ -229,7 +236,7 @@ class InceptionDistances(StreamingMetric):
         }
         features = self._state["features"]
         if features and sum(len(f) for f in features) == count and reference.get("feats") is not None:
-            generated = np.concatenate(features)
+            generated = canonical_order(np.concatenate(features))
             result["kid"] = kernel_distance(reference["feats"], generated, seed=self.seed)
         return result
 
