@@ -36,7 +36,8 @@ Deliberate differences from the official code:
   text encoder produced during the session; for a raw embedding (an inverted concept) only the cosine term
   applies. Under classifier-free guidance the unconditional row gets γ("") rather than the prompt's γ
   (the official code scaled the whole network by the prompt's γ for both rows).
-- The base UNet runs in the pipe's dtype (fp16 on GPU); the adapters and their optimiser state are fp32.
+- Training runs in fp32 as the official code does (a half-precision pipe's UNet is copied to fp32 for it);
+  at inference the base UNet keeps the pipe's dtype and the fp32 adapters' output is cast to it.
 
 Artifact: ``spm.safetensors`` in the official kohya-style layout (``lora_unet_<module>.lora_down.weight``,
 ``.lora_up.weight``, ``.alpha``; metadata ``prompts``, ``rank``, ``alpha``), so the authors' released SPMs
@@ -46,6 +47,7 @@ load the same way, plus ``card.json``.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import math
 import weakref
@@ -93,7 +95,7 @@ class SPMConfig:
 class RankOneAdapter(nn.Module):
     """``up(down(x))`` with a one-dimensional bottleneck, shaped like the Linear/Conv2d it sits beside."""
 
-    def __init__(self, base: nn.Module) -> None:
+    def __init__(self, base: nn.Module, generator: torch.Generator) -> None:
         super().__init__()
         if isinstance(base, nn.Linear):
             self.lora_down = nn.Linear(base.in_features, 1, bias=False)
@@ -104,7 +106,7 @@ class RankOneAdapter(nn.Module):
             )
             self.lora_up = nn.Conv2d(1, base.out_channels, 1, bias=False)
         self.register_buffer("alpha", torch.tensor(1.0))
-        nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
+        nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5), generator=generator)
         nn.init.zeros_(self.lora_up.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -187,11 +189,15 @@ class SPMNetwork(nn.Module):
     facilitated transport.
     """
 
-    def __init__(self, unet) -> None:
+    def __init__(self, unet, seed: int = 0) -> None:
         super().__init__()
         targets = adapted_modules(unet)
+        generator = torch.Generator().manual_seed(seed)
         self.adapters = nn.ModuleDict(
-            {KEY_PREFIX + path.replace(".", "_"): RankOneAdapter(module) for path, module in targets.items()}
+            {
+                KEY_PREFIX + path.replace(".", "_"): RankOneAdapter(module, generator)
+                for path, module in targets.items()
+            }
         )
         self.adapters.to(device=unet.device, dtype=torch.float32)
         self.register_buffer("multiplier", torch.tensor(0.0))
@@ -314,14 +320,16 @@ def random_latent_size(native: int, dynamic: bool, generator) -> tuple[int, int]
     return height, width
 
 
-def train_adapters(config: SPMConfig, pipe, network: SPMNetwork, target_prompt: str) -> list[float]:
-    """Train ``network`` (attached to ``pipe.unet``) to erase ``target_prompt``; return the loss per step."""
+def train_adapters(config: SPMConfig, pipe, unet, network: SPMNetwork, target_prompt: str) -> list[float]:
+    """Train ``network`` (hooked into ``unet``, a UNet of ``pipe``'s model) to erase ``target_prompt``.
+
+    ``pipe`` provides the text encoder and the noise schedule. Returns the loss per iteration.
+    """
     from diffusers import DDIMScheduler
     from diffusers.optimization import get_scheduler
 
     if config.anchor_samples < 2 or config.anchor_samples % 2 or config.denoising_steps < 2:
         raise DuobenchError("SPM needs an even anchor_samples >= 2 and denoising_steps >= 2.")
-    unet = pipe.unet
     target, neutral, empty = (
         encode_token_ids(pipe, tokenize(pipe, [target_prompt, config.neutral_prompt, ""])).float().chunk(3)
     )
@@ -367,9 +375,11 @@ def train_adapters(config: SPMConfig, pipe, network: SPMNetwork, target_prompt: 
 
 
 def train(config: SPMConfig, pipe, concept: Concept, out_dir: Path) -> None:
-    network = SPMNetwork(pipe.unet)  # hooked into the UNet for training, never registered in it
+    # The official code trains in fp32; a half-precision pipe gets an fp32 copy of its UNet to train with.
+    unet = pipe.unet if pipe.unet.dtype == torch.float32 else copy.deepcopy(pipe.unet).float()
+    network = SPMNetwork(unet, config.seed)  # hooked into the UNet for training, never registered in it
     try:
-        losses = train_adapters(config, pipe, network, concept.erase_prompt)
+        losses = train_adapters(config, pipe, unet, network, concept.erase_prompt)
     finally:
         network.remove()
     weights = {
