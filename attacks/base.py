@@ -254,11 +254,6 @@ def grant_access(
         models.judge = judge
         models.clip_scorer = clip_scorer
     elif access == "white-box":
-        if base_pipe is None:
-            raise DuobenchError(
-                "White-box attacks need the base model as well as the unlearned one (target images come from "
-                "the base model); pass --base-model or load it alongside the target."
-            )
         models.tokenizer = target_pipe.tokenizer
         models.text_encoder = target_pipe.text_encoder
         models.generator = QueryCountingGenerator(target_pipe, settings)

@@ -39,6 +39,8 @@ CSV_COLUMNS = (
     "prompt",
     "evaluation_seed",
     "evaluation_guidance",
+    "height",
+    "width",
     "source_prompt",
     "replay",
     "token_ids",
@@ -183,7 +185,7 @@ def access_identity(
     identity: dict[str, Any] = {
         "target": target_fingerprint or pipeline_fingerprint(target_pipe),
         "settings": asdict(settings),
-        "judge": judge.card.id,
+        "judge": judge.card.to_dict(),
         "clip_scorer": scorer_identity(clip_scorer),
     }
     if attack.access == "white-box":
@@ -191,12 +193,15 @@ def access_identity(
     return identity
 
 
-def scorer_identity(clip_scorer) -> str | None:
-    """A CLIP scorer's metric-card id, or its type for a plain callable; None means the attack's default."""
+def scorer_identity(clip_scorer) -> dict[str, Any] | str | None:
+    """A CLIP scorer's metric card, or its name for a plain callable; None means the attack's default."""
     if clip_scorer is None:
         return None
     card = getattr(clip_scorer, "card", None)
-    return card.id if card is not None else f"{type(clip_scorer).__module__}.{type(clip_scorer).__qualname__}"
+    if card is not None:
+        return card.to_dict()
+    name = getattr(clip_scorer, "__qualname__", type(clip_scorer).__qualname__)
+    return f"{getattr(clip_scorer, '__module__', '')}.{name}"
 
 
 def run_attack(
@@ -234,6 +239,11 @@ def run_attack(
         raise DuobenchError(
             f"The {attack_name} attack checks its prompts with the concept's judge ({concept.judge}); "
             "pass the judge."
+        )
+    if attack.access == "white-box" and base_pipe is None:
+        raise DuobenchError(
+            f"The {attack_name} attack is white-box: it needs the base model as well as the unlearned one "
+            "(its target images come from the base model). Load the base model and pass it too."
         )
     identity = access_identity(
         attack, target_pipe, base_pipe, settings, judge, clip_scorer, target_fingerprint, base_fingerprint
@@ -312,6 +322,8 @@ def write_attack_csv(results: Sequence[AttackResult], path: Path) -> Path:
                     "prompt": result.text,
                     "evaluation_seed": result.seed,
                     "evaluation_guidance": "" if result.guidance is None else result.guidance,
+                    "height": result.height or "",
+                    "width": result.width or "",
                     "source_prompt": result.source_prompt,
                     "replay": result.replay,
                     "token_ids": " ".join(map(str, result.token_ids)) if result.token_ids is not None else "",
@@ -340,6 +352,8 @@ def read_attack_csv(path: Path) -> list[AttackResult]:
                     seed=int(row["evaluation_seed"]),
                     guidance=float(row["evaluation_guidance"]) if row["evaluation_guidance"] else None,
                     text=row["prompt"],
+                    height=int(row["height"]) if row["height"] else None,
+                    width=int(row["width"]) if row["width"] else None,
                     replay=row["replay"],
                     token_ids=tuple(int(t) for t in row["token_ids"].split()) if row["token_ids"] else None,
                     embedding_path=row["embedding"] or None,
