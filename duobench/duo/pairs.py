@@ -132,9 +132,12 @@ def recipe_rows(concept: Concept, sub_concept: str = "", pairs: int = 0) -> list
     ]
 
 
-def sampler_settings(concept: Concept) -> SamplerSettings:
+def sampler_settings(pipe, concept: Concept) -> SamplerSettings:
+    """The model's own sampling defaults (`default_sampler_settings`), overridden by the concept's."""
+    from duobench.models import default_sampler_settings
+
     try:
-        return SamplerSettings.from_dict(concept.generation)
+        return SamplerSettings.from_dict({**asdict(default_sampler_settings(pipe)), **concept.generation})
     except ValueError as error:
         raise DuobenchError(f"Concept {concept.name!r} has bad generation settings: {error}") from error
 
@@ -157,14 +160,19 @@ def load_judge(name: str) -> Judge | None:
 
 
 def pair_set_recipe(
-    concept: Concept, rows: list[DuoPairSpec], seed: int, judge: Judge | None, base_fingerprint: str
+    concept: Concept,
+    rows: list[DuoPairSpec],
+    settings: SamplerSettings,
+    seed: int,
+    judge: Judge | None,
+    base_fingerprint: str,
 ) -> dict[str, Any]:
     """Everything that decides a pair set's images; its hash is the pair set's key."""
     return {
         "version": PAIR_SET_VERSION,
         "rows": [asdict(row) for row in rows],
         "strength": concept.duo_strength,
-        "sampler": asdict(sampler_settings(concept)),
+        "sampler": asdict(settings),
         "seed": seed,
         "judge": judge.card.id if judge is not None else NO_DATA_JUDGE,
         "base_model": base_fingerprint,
@@ -209,7 +217,8 @@ def build_pair_set(
         judge = load_judge(concept.data_judge)
     rows = recipe_rows(concept, sub_concept, pairs)
     base_fingerprint = base_fingerprint or pipeline_fingerprint(pipe)
-    recipe = pair_set_recipe(concept, rows, seed, judge, base_fingerprint)
+    settings = sampler_settings(pipe, concept)
+    recipe = pair_set_recipe(concept, rows, settings, seed, judge, base_fingerprint)
     key = recipe_key(recipe)
     final = (root or duobench_home() / "duo-pairs") / key
     if (final / PAIRS_CARD).exists():
@@ -218,7 +227,7 @@ def build_pair_set(
     original_scheduler = pipe.scheduler
     try:
         card_pairs, images, tries = _generate_pairs(
-            pipe, rows, sampler_settings(concept), concept.duo_strength, seed, judge, batch_size, max_tries
+            pipe, rows, settings, concept.duo_strength, seed, judge, batch_size, max_tries
         )
     finally:
         pipe.scheduler = original_scheduler  # generation may swap it; the caller's pipe stays as it was
