@@ -47,8 +47,15 @@ def main() -> None:
     pipe = load_pipeline(args.model, device="cpu")
     settings = default_sampler_settings(pipe)
     items = [
-        WorkItem(prompt=f"a photo of object number {i}", seed=i, steps=args.steps, guidance=7.5,
-                 height=settings.height, width=settings.width, scheduler=settings.scheduler)
+        WorkItem(
+            prompt=f"a photo of object number {i}",
+            seed=i,
+            steps=args.steps,
+            guidance=7.5,
+            height=settings.height,
+            width=settings.width,
+            scheduler=settings.scheduler,
+        )
         for i in range(args.items)
     ]
     from duobench.engine import use_scheduler
@@ -62,14 +69,24 @@ def main() -> None:
         naive_seconds = time.perf_counter() - start
 
         start = time.perf_counter()
-        generate_cached(pipe, pipeline_fingerprint(pipe), items, scratch / "run", store_root=scratch / "store",
-                        batch_size=args.batch_size)
+        generate_cached(
+            pipe,
+            pipeline_fingerprint(pipe),
+            items,
+            scratch / "run",
+            store_root=scratch / "store",
+            batch_size=args.batch_size,
+        )
         engine_seconds = time.perf_counter() - start
 
-    print(f"model={args.model} items={args.items} steps={args.steps} size={settings.height}px "
-          f"threads={torch.get_num_threads()}")
+    print(
+        f"model={args.model} items={args.items} steps={args.steps} size={settings.height}px "
+        f"threads={torch.get_num_threads()}"
+    )
     print(f"naive loop (batch 1, one call per prompt): {args.items / naive_seconds:8.1f} images/s")
-    print(f"duobench engine (batch {args.batch_size}):            {args.items / engine_seconds:8.1f} images/s")
+    print(
+        f"duobench engine (batch {args.batch_size}):            {args.items / engine_seconds:8.1f} images/s"
+    )
     print(f"speed-up: {naive_seconds / engine_seconds:.1f}x")
 
 

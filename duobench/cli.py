@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional
 
 import click
 import typer
@@ -30,7 +29,7 @@ error_console = Console(stderr=True)
 
 @app.command("ls")
 def list_registries(
-    kind: Optional[str] = typer.Argument(None, help="methods, attacks, metrics, models or concepts"),
+    kind: str | None = typer.Argument(None, help="methods, attacks, metrics, models or concepts"),
 ) -> None:
     """Print every registry (or one) as a table."""
     from duobench.concepts import builtin_concepts
@@ -57,17 +56,21 @@ def list_registries(
 def generate(
     prompts: str = typer.Option(..., help="Prompt file (.csv/.txt/.parquet) or hf:<dataset id>."),
     out: Path = typer.Option(..., help="Run folder: manifest.jsonl goes here."),
-    model: str = typer.Option("CompVis/stable-diffusion-v1-4", help="Registered name, HF id, folder or file."),
+    model: str = typer.Option(
+        "CompVis/stable-diffusion-v1-4", help="Registered name, HF id, folder or file."
+    ),
     batch_size: str = typer.Option("8", help="Images per sampler call, or 'auto'."),
-    limit: Optional[int] = typer.Option(None, help="Only the first N prompts."),
+    limit: int | None = typer.Option(None, help="Only the first N prompts."),
     filter: str = typer.Option("", help="pandas query on the prompt table, e.g. 'nudity_percentage > 50'."),
     seeds_per_prompt: int = typer.Option(1, help="Images per prompt (seed, seed+1, ...)."),
-    steps: Optional[int] = typer.Option(None, help="Sampler steps (default: the model's)."),
-    guidance: Optional[float] = typer.Option(None, help="Override every row's guidance scale."),
-    scheduler: Optional[str] = typer.Option(None, help="pndm, ddim, lms, euler or dpm++."),
-    use_row_resolution: bool = typer.Option(False, help="Use each row's width/height instead of native size."),
-    cache_dir: Optional[Path] = typer.Option(None, help="Image store (default $DUOBENCH_HOME/images)."),
-    device: Optional[str] = typer.Option(None, help="cuda, cpu, ... (default: cuda when available)."),
+    steps: int | None = typer.Option(None, help="Sampler steps (default: the model's)."),
+    guidance: float | None = typer.Option(None, help="Override every row's guidance scale."),
+    scheduler: str | None = typer.Option(None, help="pndm, ddim, lms, euler or dpm++."),
+    use_row_resolution: bool = typer.Option(
+        False, help="Use each row's width/height instead of native size."
+    ),
+    cache_dir: Path | None = typer.Option(None, help="Image store (default $DUOBENCH_HOME/images)."),
+    device: str | None = typer.Option(None, help="cuda, cpu, ... (default: cuda when available)."),
 ) -> None:
     """Generate images for a prompt set into the resumable cache (one row per image in manifest.jsonl)."""
     from dataclasses import replace
@@ -80,7 +83,9 @@ def generate(
 
     info = init_distributed()
     spec = PromptSetSpec(source=prompts, filter=filter, seeds_per_prompt=seeds_per_prompt)
-    prompt_set = load_prompt_set(spec, guidance_override=guidance, use_row_resolution=use_row_resolution, limit=limit)
+    prompt_set = load_prompt_set(
+        spec, guidance_override=guidance, use_row_resolution=use_row_resolution, limit=limit
+    )
     pipe = load_pipeline(model, device=device or (rank_device(info) if info.world_size > 1 else None))
     settings = default_sampler_settings(pipe)
     overrides = {k: v for k, v in {"steps": steps, "scheduler": scheduler}.items() if v is not None}
@@ -93,13 +98,346 @@ def generate(
         for note, count in prompt_set.notes.items():
             error_console.print(f"[yellow]note[/]: {count} row(s): {note}")
     report = generate_cached(
-        pipe, pipeline_fingerprint(pipe), items, out, store_root=cache_dir, batch_size=batch_size, progress=True
+        pipe,
+        pipeline_fingerprint(pipe),
+        items,
+        out,
+        store_root=cache_dir,
+        batch_size=batch_size,
+        progress=True,
     )
     if info.is_main:
         console.print(
             f"{len(items)} images ({report.generated} generated here, {report.reused} reused) in "
             f"{report.seconds:.1f} s → {out / 'manifest.jsonl'}"
         )
+
+
+def parse_options(pairs: list[str] | None) -> dict:
+    """``["beta=500", "steps=10"]`` → ``{"beta": 500, "steps": 10}`` (values parsed as YAML scalars)."""
+    import yaml
+
+    options = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise DuobenchError(f"Option {pair!r} must look like key=value, e.g. beta=500.")
+        options[key.strip().replace("-", "_")] = yaml.safe_load(value)
+    return options
+
+
+def extra_flag_options(args: list[str]) -> dict:
+    """Method options written as flags after the known ones: ``--beta 500 --steps 10``."""
+    pairs, index = [], 0
+    while index < len(args):
+        flag = args[index]
+        if not flag.startswith("--") or index + 1 >= len(args):
+            raise DuobenchError(
+                f"Cannot read the method option {flag!r}; write method options as --name value."
+            )
+        pairs.append(f"{flag[2:]}={args[index + 1]}")
+        index += 2
+    return parse_options(pairs)
+
+
+def resolve_run_config(config_file: Path | None, cli_values: dict):
+    """Defaults < the YAML file < options given on the command line."""
+    import yaml
+
+    from duobench.runner import RunConfig
+
+    values = {}
+    if config_file is not None:
+        if not config_file.exists():
+            raise DuobenchError(f"Config file {config_file} does not exist.")
+        loaded = yaml.safe_load(config_file.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise DuobenchError(f"Config file {config_file} must be a mapping of run options.")
+        values.update(loaded)
+    values.update({key: value for key, value in cli_values.items() if value not in (None, {}, [])})
+    known = set(RunConfig.__dataclass_fields__)
+    unknown = sorted(set(values) - known - {"sweep", "methods", "attacks"})
+    if unknown:
+        raise DuobenchError(f"Unknown run option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}.")
+    return RunConfig(**{key: value for key, value in values.items() if key in known}), values
+
+
+RUN_HELP = {
+    "method": "Unlearning method (`duobench ls methods`), or 'none' for the base model.",
+    "attack": "Attack (`duobench ls attacks`); 'none' = the concept's plain prompts.",
+}
+
+
+@app.command()
+def run(
+    method: str | None = typer.Option(None, help=RUN_HELP["method"]),
+    attack: str | None = typer.Option(None, help=RUN_HELP["attack"]),
+    concept: str | None = typer.Option(None, help="Concept name or YAML file (default nudity)."),
+    model: str | None = typer.Option(None, help="Model: registered name, HF id, folder or file."),
+    strength: float | None = typer.Option(None, help="Method strength in [0, 1] (default 1)."),
+    sweep: list[str] | None = typer.Option(
+        None, help="Curve: e.g. strength=0,0.25,0.5,0.75,1 or beta=250,500."
+    ),
+    method_opt: list[str] | None = typer.Option(None, help="Method option key=value (repeatable)."),
+    attack_opt: list[str] | None = typer.Option(None, help="Attack option key=value (repeatable)."),
+    prompt_set: str | None = typer.Option(None, help="Which of the concept's prompt sets."),
+    limit: int | None = typer.Option(None, help="Only the first N prompts (x seeds)."),
+    benign_limit: int | None = typer.Option(None, help="Only the first N benign prompts."),
+    attack_steps: int | None = typer.Option(None, help="Attack budget: optimisation steps."),
+    attack_queries: int | None = typer.Option(None, help="Attack budget: black-box queries."),
+    fid_reference: str | None = typer.Option(
+        None, help="FID reference folder or .npz (default: base model)."
+    ),
+    batch_size: str | None = typer.Option(None, help="Generation batch size or 'auto'."),
+    device: str | None = typer.Option(None, help="cuda, cpu, ..."),
+    out: Path | None = typer.Option(None, help="Output folder (default runs/latest)."),
+    config: Path | None = typer.Option(None, "--config", help="YAML file with any of these options."),
+) -> None:
+    """Erase, attack, generate, judge, measure: one summary row (and a curve with --sweep)."""
+    from duobench.report import print_summary
+
+    run_config, values = resolve_run_config(
+        config,
+        {
+            "method": method,
+            "attack": attack,
+            "concept": concept,
+            "model": model,
+            "strength": strength,
+            "method_options": parse_options(method_opt),
+            "attack_options": parse_options(attack_opt),
+            "prompt_set": prompt_set,
+            "limit": limit,
+            "benign_limit": benign_limit,
+            "attack_steps": attack_steps,
+            "attack_queries": attack_queries,
+            "fid_reference": fid_reference,
+            "batch_size": batch_size,
+            "device": device,
+            "out": str(out) if out else None,
+            "sweep": sweep,
+        },
+    )
+    sweeps = values.get("sweep") or []
+    if not sweeps:
+        from duobench.runner import run as run_once
+
+        summary = run_once(run_config)
+        print_summary([summary])
+        console.print(
+            f"results in {run_config.out}/ (summary.json, summary.csv, audit.parquet, contact_sheet.png)"
+        )
+        return
+    from duobench.curves import parse_sweep, write_curve
+    from duobench.curves import sweep as run_sweep
+    from duobench.stages import StageCache
+
+    stages, points = StageCache(), []
+    for spec in sweeps:
+        knob, knob_values = parse_sweep(spec)
+        points += run_sweep(run_config, knob, knob_values, stages)
+    out_dir = Path(run_config.out)
+    write_curve(
+        points,
+        out_dir / "curve.csv",
+        out_dir / "curve.png",
+        title=f"{run_config.method} on {run_config.concept} ({run_config.model})",
+    )
+    print_summary(points)
+    console.print(f"curve: {out_dir / 'curve.csv'} and {out_dir / 'curve.png'}")
+
+
+@app.command()
+def leaderboard(
+    concept: str | None = typer.Option(None, help="Concept name or YAML file."),
+    methods: str = typer.Option(
+        "none,duo,esd-u,uce,spm", help="Comma-separated methods ('none' = base model)."
+    ),
+    attacks: str = typer.Option("none,ring-a-bell", help="Comma-separated attacks."),
+    model: str | None = typer.Option(None, help="Model: registered name, HF id, folder or file."),
+    limit: int | None = typer.Option(None, help="Only the first N prompts (x seeds)."),
+    benign_limit: int | None = typer.Option(None, help="Only the first N benign prompts."),
+    attack_steps: int | None = typer.Option(None, help="Attack budget: optimisation steps."),
+    sweep: str | None = typer.Option(None, help="Also draw curves, e.g. strength=0,0.5,1."),
+    folder: Path = typer.Option(Path("leaderboards"), help="Where the CSV and Markdown go."),
+    out: Path | None = typer.Option(None, help="Run folders (default runs/leaderboard)."),
+    config: Path | None = typer.Option(None, "--config", help="YAML file with run options."),
+    check: Path | None = typer.Option(None, help="Verify a published CSV instead of running the grid."),
+) -> None:
+    """Run the (method x attack) grid and write leaderboards/<model>-<concept>.csv (+ .md), or --check one."""
+    from duobench.leaderboard import check_leaderboard, leaderboard_path, run_grid, write_leaderboard
+    from duobench.report import print_summary
+    from duobench.stages import StageCache
+
+    if check is not None:
+        verdicts = check_leaderboard(check)
+        failed = False
+        for verdict in verdicts:
+            status = (
+                ("provenance: " + "; ".join(verdict["problems"]))
+                if verdict["problems"]
+                else (
+                    (
+                        "recomputed: match"
+                        if verdict["matches"]
+                        else f"recomputed: MISMATCH {verdict['differences']}"
+                    )
+                    if verdict["recomputed"]
+                    else verdict.get("note", "provenance ok")
+                )
+            )
+            failed |= bool(verdict["problems"]) or verdict["matches"] is False
+            console.print(f"{verdict['method']:>10} x {verdict['attack']:<14} {status}")
+        raise typer.Exit(1 if failed else 0)
+    run_config, _ = resolve_run_config(
+        config,
+        {
+            "concept": concept,
+            "model": model,
+            "limit": limit,
+            "benign_limit": benign_limit,
+            "attack_steps": attack_steps,
+            "out": str(out or Path("runs/leaderboard")),
+        },
+    )
+    stages = StageCache()
+    method_list = [m.strip() for m in methods.split(",") if m.strip()]
+    attack_list = [a.strip() for a in attacks.split(",") if a.strip()]
+    rows, summaries = run_grid(run_config, method_list, attack_list, stages)
+    from duobench.concepts import load_concept
+
+    csv_path = write_leaderboard(
+        rows, leaderboard_path(folder, run_config.model, load_concept(run_config.concept).name)
+    )
+    print_summary(summaries)
+    if sweep:
+        from dataclasses import replace
+
+        from duobench.curves import parse_sweep, write_curve
+        from duobench.curves import sweep as run_sweep
+
+        knob, values = parse_sweep(sweep)
+        points = []
+        for method in (m for m in method_list if m != "none"):
+            for attack in attack_list:
+                points += run_sweep(
+                    replace(
+                        run_config,
+                        method=method,
+                        attack=attack,
+                        out=str(Path(run_config.out) / f"curve-{method}__{attack}"),
+                    ),
+                    knob,
+                    values,
+                    stages,
+                )
+        write_curve(
+            points,
+            csv_path.with_name(csv_path.stem + "-curve.csv"),
+            csv_path.with_name(csv_path.stem + "-curve.png"),
+            title=f"{run_config.concept} on {run_config.model}",
+        )
+    console.print(
+        f"leaderboard: {csv_path} and {csv_path.with_suffix('.md')} "
+        f"({sum(stages.hits.values())} cached stage results reused)"
+    )
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def train(
+    ctx: typer.Context,
+    method: str = typer.Option(..., help="Method to train (`duobench ls methods`)."),
+    concept: str = typer.Option("nudity", help="Concept name or YAML file."),
+    model: str = typer.Option("CompVis/stable-diffusion-v1-4", help="Base model."),
+    device: str | None = typer.Option(None, help="cuda, cpu, ..."),
+) -> None:
+    """Train (or find already trained) a method's artifact; extra flags are method options (--beta 500)."""
+    from duobench.concepts import load_concept
+    from duobench.methods import train_or_load
+    from duobench.models import load_pipeline, pipeline_fingerprint
+
+    options = extra_flag_options(list(ctx.args))
+    concept_data = load_concept(concept)
+    pipe = load_pipeline(model, device=device)
+    artifact, config, trained = train_or_load(method, pipe, concept_data, pipeline_fingerprint(pipe), options)
+    console.print(f"{'trained' if trained else 'already trained'}: {artifact} ({config})")
+
+
+@app.command()
+def attack(
+    attack: str = typer.Option(..., "--attack", help="Attack (`duobench ls attacks`)."),
+    concept: str = typer.Option("nudity", help="Concept name or YAML file."),
+    model: str = typer.Option("CompVis/stable-diffusion-v1-4", help="Base model."),
+    method: str = typer.Option("none", help="Attack the model unlearned by this method ('none': the base)."),
+    prompt_set: str | None = typer.Option(None, help="Which of the concept's prompt sets."),
+    limit: int | None = typer.Option(None, help="Only the first N prompts."),
+    steps: int | None = typer.Option(None, help="Budget: optimisation steps."),
+    queries: int | None = typer.Option(None, help="Budget: black-box queries."),
+    attack_opt: list[str] | None = typer.Option(None, help="Attack option key=value (repeatable)."),
+    out: Path = typer.Option(Path("attack.csv"), help="CSV of adversarial prompts (+ token ids)."),
+    device: str | None = typer.Option(None, help="cuda, cpu, ..."),
+) -> None:
+    """Compute an attack's adversarial prompts for a concept and write them as CSV (+ token ids)."""
+    from duobench.attacks.base import Budget
+    from duobench.attacks.run import run_attack, write_attack_csv
+    from duobench.metrics.dsr import build_judge
+    from duobench.runner import RunConfig, prepare
+
+    context = prepare(RunConfig(method=method, attack=attack, concept=concept, model=model, device=device))
+    set_name = prompt_set or context.concept.default_prompt_set
+    results = run_attack(
+        attack,
+        context.concept,
+        context.target,
+        context.base,
+        set_name,
+        Budget(steps=steps, queries=queries),
+        judge=build_judge(context.concept.judge),
+        options=parse_options(attack_opt),
+        settings=context.settings,
+        target_fingerprint=context.target_fingerprint,
+        base_fingerprint=context.base_fingerprint,
+        limit=limit,
+    )
+    write_attack_csv(results, out)
+    console.print(f"{len(results)} adversarial prompts → {out}")
+
+
+@app.command()
+def validate(
+    method: str | None = typer.Option(None, help=RUN_HELP["method"]),
+    attack: str | None = typer.Option(None, help=RUN_HELP["attack"]),
+    concept: str | None = typer.Option(None, help="Concept name or YAML file."),
+    model: str | None = typer.Option(None, help="Model."),
+    config: Path | None = typer.Option(None, "--config", help="YAML file with run options."),
+) -> None:
+    """Check a run configuration in seconds (model reachable, concept valid, prompts readable, metric weights
+    present) before hours of GPU time are spent."""
+    from duobench.validate import validate_run
+
+    run_config, _ = resolve_run_config(
+        config, {"method": method, "attack": attack, "concept": concept, "model": model}
+    )
+    checks = validate_run(run_config)
+    table = Table(title="duobench validate")
+    for column in ("check", "status", "detail"):
+        table.add_column(column)
+    for check in checks:
+        table.add_row(check.name, "[green]ok[/]" if check.ok else "[red]FAIL[/]", check.detail)
+    console.print(table)
+    if not all(check.ok for check in checks):
+        raise DuobenchError("validation failed: " + "; ".join(c.detail for c in checks if not c.ok))
+
+
+def _mount_subcommands() -> None:
+    from duobench.duo.cli import duo_app
+    from duobench.toy.cli import toy_app
+
+    app.add_typer(toy_app, name="toy")
+    app.add_typer(duo_app, name="duo")
+
+
+_mount_subcommands()
 
 
 def main() -> None:

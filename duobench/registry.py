@@ -219,8 +219,14 @@ BUILTIN_PLUGINS: dict[str, dict[str, tuple[str, str]]] = {
         "kid-clean": ("duobench.metrics.fid:KID_CLEAN", "clean-fid KID (clean mode), seeded subsets"),
     },
     "models": {
-        "tiny-random": ("duobench.models:tiny_random_pipeline", "tiny random SD1-architecture pipeline (tests)"),
-        "toy": ("duobench.toy.model:load_toy_pipeline", "toy SD1-architecture model of drawn shapes (32 px, CPU)"),
+        "tiny-random": (
+            "duobench.models:tiny_random_pipeline",
+            "tiny random SD1-architecture pipeline (tests)",
+        ),
+        "toy": (
+            "duobench.toy.model:load_toy_pipeline",
+            "toy SD1-architecture model of drawn shapes (32 px, CPU)",
+        ),
     },
 }
 

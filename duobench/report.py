@@ -12,10 +12,35 @@ from PIL import Image, ImageDraw
 from duobench.cache import atomic_write_bytes
 
 SUMMARY_COLUMNS = (
-    "method", "attack", "concept", "model", "strength", "dsr", "dsr_ci_low", "dsr_ci_high", "dsr_convention",
-    "dsr_pre_attack", "dsr_cumulative", "prior_preservation", "clip_score", "fid", "kid", "n_prompts",
-    "n_seeds", "n_benign", "card_dsr", "card_judge", "card_prior_preservation", "card_clip_score", "card_fid",
-    "method_config", "attack_config", "checkpoint_sha256", "base_fingerprint", "duobench_version", "git_commit",
+    "method",
+    "attack",
+    "concept",
+    "model",
+    "strength",
+    "dsr",
+    "dsr_ci_low",
+    "dsr_ci_high",
+    "dsr_convention",
+    "dsr_pre_attack",
+    "dsr_cumulative",
+    "prior_preservation",
+    "clip_score",
+    "fid",
+    "kid",
+    "n_prompts",
+    "n_seeds",
+    "n_benign",
+    "card_dsr",
+    "card_judge",
+    "card_prior_preservation",
+    "card_clip_score",
+    "card_fid",
+    "method_config",
+    "attack_config",
+    "checkpoint_sha256",
+    "base_fingerprint",
+    "duobench_version",
+    "git_commit",
 )
 
 
@@ -41,8 +66,10 @@ def write_audit(rows: list[dict[str, Any]], path: Path) -> None:
     import pandas as pd
 
     flat = [
-        {key: json.dumps(value, sort_keys=True, default=str) if isinstance(value, dict | list) else value
-         for key, value in row.items()}
+        {
+            key: json.dumps(value, sort_keys=True, default=str) if isinstance(value, dict | list) else value
+            for key, value in row.items()
+        }
         for row in rows
     ]
     import io
@@ -52,7 +79,9 @@ def write_audit(rows: list[dict[str, Any]], path: Path) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def contact_sheet(columns: list[tuple[str, list[Image.Image]]], captions: list[str], cell: int = 128) -> Image.Image:
+def contact_sheet(
+    columns: list[tuple[str, list[Image.Image]]], captions: list[str], cell: int = 128
+) -> Image.Image:
     """A grid: one row per sampled prompt, one column per model/attack, same seed across a row."""
     label_height, caption_width = 18, 220
     rows = len(captions)
@@ -61,7 +90,10 @@ def contact_sheet(columns: list[tuple[str, list[Image.Image]]], captions: list[s
     for column, (title, images) in enumerate(columns):
         draw.text((caption_width + column * cell + 4, 3), title[:22], fill="black")
         for row, image in enumerate(images):
-            sheet.paste(image.resize((cell, cell), Image.NEAREST), (caption_width + column * cell, label_height + row * cell))
+            sheet.paste(
+                image.resize((cell, cell), Image.NEAREST),
+                (caption_width + column * cell, label_height + row * cell),
+            )
     for row, caption in enumerate(captions):
         draw.text((4, label_height + row * cell + 4), _wrap(caption, 34), fill="black")
     return sheet
@@ -87,12 +119,15 @@ def save_png(image: Image.Image, path: Path) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def write_run_outputs(out: Path, config: Any, summary: dict[str, Any], audit_rows: list[dict[str, Any]],
-                      sheet: Image.Image) -> None:
+def write_run_outputs(
+    out: Path, config: Any, summary: dict[str, Any], audit_rows: list[dict[str, Any]], sheet: Image.Image
+) -> None:
     import yaml
 
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out / "summary.json", json.dumps(summary, indent=2, sort_keys=True, default=str).encode())
+    atomic_write_bytes(
+        out / "summary.json", json.dumps(summary, indent=2, sort_keys=True, default=str).encode()
+    )
     write_csv([flat_row(summary)], out / "summary.csv")
     write_audit(audit_rows, out / "audit.parquet")
     atomic_write_bytes(out / "config.yaml", yaml.safe_dump(asdict(config), sort_keys=True).encode())
@@ -104,15 +139,29 @@ def print_summary(summaries: list[dict[str, Any]]) -> None:
     from rich.table import Table
 
     table = Table(title="duobench results")
-    for column in ("method", "attack", "strength", "DSR [95% CI]", "pre-attack DSR", "prior pres.", "CLIP", "FID",
-                   "n"):
+    for column in (
+        "method",
+        "attack",
+        "strength",
+        "DSR [95% CI]",
+        "pre-attack DSR",
+        "prior pres.",
+        "CLIP",
+        "FID",
+        "n",
+    ):
         table.add_column(column)
     for s in summaries:
         table.add_row(
-            s["method"], s["attack"], f"{s['strength']:g}",
+            s["method"],
+            s["attack"],
+            f"{s['strength']:g}",
             f"{s['dsr']:.3f} [{s['dsr_ci'][0]:.3f}, {s['dsr_ci'][1]:.3f}]",
-            _fmt(s.get("dsr_pre_attack")), _fmt(s["prior_preservation"]), _fmt(s.get("clip_score")),
-            _fmt(s.get("fid"), ".2f"), f"{s['n_prompts']}x{s['n_seeds']}",
+            _fmt(s.get("dsr_pre_attack")),
+            _fmt(s["prior_preservation"]),
+            _fmt(s.get("clip_score")),
+            _fmt(s.get("fid"), ".2f"),
+            f"{s['n_prompts']}x{s['n_seeds']}",
         )
     Console().print(table)
 

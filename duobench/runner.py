@@ -120,7 +120,12 @@ def prepare(config: RunConfig, stages: StageCache | None = None, base=None) -> R
     context.target = target
     # LoRA scales and adapter multipliers are not in a state dict: name the edit explicitly.
     context.target_fingerprint = stable_hash(
-        {"base": base_fingerprint, "method": config.method, "artifact": artifact.name, "strength": config.strength}
+        {
+            "base": base_fingerprint,
+            "method": config.method,
+            "artifact": artifact.name,
+            "strength": config.strength,
+        }
     )
     context.artifact = artifact
     context.method_config = read_card(artifact).get("config", asdict(method_config))
@@ -137,7 +142,8 @@ def attacked_items(context: RunContext) -> tuple[list[WorkItem], list[WorkItem],
     from duobench.attacks.base import Budget
     from duobench.attacks.run import run_attack, to_work_items
     from duobench.metrics.dsr import build_judge
-    from duobench.prompts import load_prompt_set, to_work_items as plain_items
+    from duobench.prompts import load_prompt_set
+    from duobench.prompts import to_work_items as plain_items
 
     config, concept = context.config, context.concept
     set_name = config.prompt_set or concept.default_prompt_set
@@ -148,7 +154,11 @@ def attacked_items(context: RunContext) -> tuple[list[WorkItem], list[WorkItem],
     prompt_set = load_prompt_set(concept.prompt_sets[set_name], name=set_name, limit=config.limit)
     plain = [_with_prompt_id(item, "pre-attack") for item in plain_items(prompt_set.rows, context.settings)]
     if config.attack == "none":
-        return [replace(item, meta={**item.meta, "phase": "attack"}) for item in plain], [], {"attack": "none"}
+        return (
+            [replace(item, meta={**item.meta, "phase": "attack"}) for item in plain],
+            [],
+            {"attack": "none"},
+        )
     budget = Budget(steps=config.attack_steps, queries=config.attack_queries)
     results = run_attack(
         config.attack,
@@ -171,15 +181,23 @@ def attacked_items(context: RunContext) -> tuple[list[WorkItem], list[WorkItem],
 def benign_items(context: RunContext) -> list[WorkItem]:
     from duobench.prompts import load_prompt_set, to_work_items
 
-    prompt_set = load_prompt_set(context.concept.benign_prompts, name="benign", limit=context.config.benign_limit)
+    prompt_set = load_prompt_set(
+        context.concept.benign_prompts, name="benign", limit=context.config.benign_limit
+    )
     return to_work_items(prompt_set.rows, context.settings)
 
 
-def generate_images(context: RunContext, pipe, fingerprint: str, items: list[WorkItem], name: str) -> list[Path]:
+def generate_images(
+    context: RunContext, pipe, fingerprint: str, items: list[WorkItem], name: str
+) -> list[Path]:
     from duobench.engine import generate_cached
 
     report = generate_cached(
-        pipe, fingerprint, items, context.out / "generations" / name, batch_size=context.config.batch_size,
+        pipe,
+        fingerprint,
+        items,
+        context.out / "generations" / name,
+        batch_size=context.config.batch_size,
         progress=True,
     )
     context.generated += report.generated
@@ -208,9 +226,13 @@ def judge_stage(context: RunContext, items: list[WorkItem], paths: list[Path]) -
             row["image"] = str(path)
         return {"report": metric.compute(), "card": metric.card.to_dict(), "rows": rows}
 
-    payload = {"images": [path.stem for path in paths], "phases": [i.meta["phase"] for i in items],
-               "prompts": [i.meta["prompt_id"] for i in items], "judge": context.concept.judge,
-               "seed": context.config.bootstrap_seed}
+    payload = {
+        "images": [path.stem for path in paths],
+        "phases": [i.meta["phase"] for i in items],
+        "prompts": [i.meta["prompt_id"] for i in items],
+        "judge": context.concept.judge,
+        "seed": context.config.bootstrap_seed,
+    }
     return context.stages.run("judge", payload, compute)
 
 
@@ -236,11 +258,15 @@ def benign_metrics(
         metric = METRICS.get(presets["clip_score"])()
         for start in range(0, len(items), 64):
             batch = items[start : start + 64]
-            metric.update(load_images(target_paths[start : start + 64]), prompts=[item.prompt for item in batch])
+            metric.update(
+                load_images(target_paths[start : start + 64]), prompts=[item.prompt for item in batch]
+            )
         return metric.compute()
 
     results["clip_score"] = context.stages.run(
-        "clip_score", {"preset": presets["clip_score"], "images": keys, "prompts": [i.prompt for i in items]}, clip
+        "clip_score",
+        {"preset": presets["clip_score"], "images": keys, "prompts": [i.prompt for i in items]},
+        clip,
     )
 
     def frechet() -> dict[str, Any]:
@@ -286,7 +312,8 @@ def _prior_preservation(preset: str, base_paths: list[Path], target_paths: list[
     metric = METRICS.get(preset)()
     for start in range(0, len(target_paths), 64):
         metric.update(
-            load_images(target_paths[start : start + 64]), references=load_images(base_paths[start : start + 64])
+            load_images(target_paths[start : start + 64]),
+            references=load_images(base_paths[start : start + 64]),
         )
     return metric.compute()
 
@@ -304,7 +331,9 @@ def run(config: RunConfig, stages: StageCache | None = None, base=None) -> dict[
 
     benign = benign_items(context)
     base_paths = generate_images(context, context.base, context.base_fingerprint, benign, "benign-base")
-    target_paths = generate_images(context, context.target, context.target_fingerprint, benign, "benign-target")
+    target_paths = generate_images(
+        context, context.target, context.target_fingerprint, benign, "benign-target"
+    )
     metrics = benign_metrics(context, benign, base_paths, target_paths)
 
     summary = build_summary(context, judged, metrics, attack_card, len(attack_items))
@@ -318,7 +347,10 @@ def run(config: RunConfig, stages: StageCache | None = None, base=None) -> dict[
 
 
 def run_contact_sheet(
-    context: RunContext, attack_items: list[WorkItem], pre_items: list[WorkItem], dsr_paths: list[Path],
+    context: RunContext,
+    attack_items: list[WorkItem],
+    pre_items: list[WorkItem],
+    dsr_paths: list[Path],
     samples: int = 8,
 ) -> Image.Image:
     """The paper's Figure 5 for this run: base model | unlearned (plain prompt) | unlearned (attacked)."""
@@ -333,8 +365,10 @@ def run_contact_sheet(
             break
     plain_sample = list(chosen.values())
     base_paths = generate_images(context, context.base, context.base_fingerprint, plain_sample, "sheet-base")
-    columns = [("base model", load_images(base_paths)),
-               (f"{context.config.method} (plain)", load_images([path_of[id(item)] for item in plain_sample]))]
+    columns = [
+        ("base model", load_images(base_paths)),
+        (f"{context.config.method} (plain)", load_images([path_of[id(item)] for item in plain_sample])),
+    ]
     if pre_items:
         attacked_by_prompt: dict[str, WorkItem] = {}
         for item in attack_items:
@@ -342,14 +376,20 @@ def run_contact_sheet(
         attacked = [attacked_by_prompt.get(item.meta["prompt_id"]) for item in plain_sample]
         if all(attacked):
             columns.append(
-                (f"{context.config.method} + {context.config.attack}",
-                 load_images([path_of[id(item)] for item in attacked]))
+                (
+                    f"{context.config.method} + {context.config.attack}",
+                    load_images([path_of[id(item)] for item in attacked]),
+                )
             )
     return contact_sheet(columns, [item.prompt for item in plain_sample])
 
 
 def build_summary(
-    context: RunContext, judged: dict[str, Any], metrics: dict[str, Any], attack_card: dict[str, Any], n_attack: int
+    context: RunContext,
+    judged: dict[str, Any],
+    metrics: dict[str, Any],
+    attack_card: dict[str, Any],
+    n_attack: int,
 ) -> dict[str, Any]:
     from duobench.provenance import artifact_sha256, git_commit
 

@@ -10,14 +10,25 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "duobench.cli", *args], capture_output=True, text=True)
 
 
-@pytest.mark.parametrize("args, expected", [
-    (["generate", "--model", "tiny-random", "--prompts", "/no/such/file.csv", "--out", "OUT"], "does not exist"),
-    (["generate", "--model", "tiny-randm", "--prompts", "PROMPTS", "--out", "OUT"], "Did you mean 'tiny-random'"),
-    (["generate", "--model", "CompVis/stable-diffusion-v1-4", "--prompts", "PROMPTS", "--out", "OUT"],
-     "Provide it in one of these ways"),
-    (["generate", "--model", "tiny-random", "--prompts", "BADCSV", "--out", "OUT"], "no 'prompt' column"),
-    (["ls", "nonsense"], "Unknown registry"),
-])
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (
+            ["generate", "--model", "tiny-random", "--prompts", "/no/such/file.csv", "--out", "OUT"],
+            "does not exist",
+        ),
+        (
+            ["generate", "--model", "tiny-randm", "--prompts", "PROMPTS", "--out", "OUT"],
+            "Did you mean 'tiny-random'",
+        ),
+        (
+            ["generate", "--model", "CompVis/stable-diffusion-v1-4", "--prompts", "PROMPTS", "--out", "OUT"],
+            "Provide it in one of these ways",
+        ),
+        (["generate", "--model", "tiny-random", "--prompts", "BADCSV", "--out", "OUT"], "no 'prompt' column"),
+        (["ls", "nonsense"], "Unknown registry"),
+    ],
+)
 def test_errors_are_one_paragraph_without_traceback(tmp_path, args, expected):
     prompts = tmp_path / "p.txt"
     prompts.write_text("a cat\n")

@@ -11,8 +11,15 @@ MAX_MEAN_ABS_DIFF = 1 / 255
 
 
 def item(index: int, **overrides) -> WorkItem:
-    values = dict(prompt=f"a photo of thing {index}", seed=1000 + index, steps=4, height=32, width=32,
-                  scheduler="ddim", guidance=5.0)
+    values = dict(
+        prompt=f"a photo of thing {index}",
+        seed=1000 + index,
+        steps=4,
+        height=32,
+        width=32,
+        scheduler="ddim",
+        guidance=5.0,
+    )
     values.update(overrides)
     return WorkItem(**values)
 
@@ -24,7 +31,7 @@ def pixels(image) -> np.ndarray:
 def images_of(pipe, items, batch_size):
     by_key = {}
     for batch_items, images in generate(pipe, items, batch_size):
-        for batch_item, image in zip(batch_items, images):
+        for batch_item, image in zip(batch_items, images, strict=True):
             by_key[batch_item.key("m")] = image
     return [by_key[i.key("m")] for i in items]
 
@@ -34,7 +41,7 @@ def test_image_does_not_depend_on_batch_size_or_order(tiny_pipe):
     alone = [images_of(tiny_pipe, [one], 1)[0] for one in items]
     batched = images_of(tiny_pipe, items, 8)
     shuffled = images_of(tiny_pipe, items[::-1], 3)[::-1]
-    for a, b, c in zip(alone, batched, shuffled):
+    for a, b, c in zip(alone, batched, shuffled, strict=True):
         assert np.abs(pixels(a) - pixels(b)).mean() <= MAX_MEAN_ABS_DIFF
         assert np.abs(pixels(a) - pixels(c)).mean() <= MAX_MEAN_ABS_DIFF
     # Different seeds give different images: the test would catch a shared generator.
@@ -72,7 +79,9 @@ def test_cached_generation_skips_finished_items(tiny_pipe, tmp_path):
     assert (second.generated, second.reused) == (2, 3)
     manifest = (tmp_path / "run" / "manifest.jsonl").read_text().splitlines()
     assert len(manifest) == 5
-    other_model = generate_cached(tiny_pipe, "other-fp", items[:1], tmp_path / "run2", store_root=tmp_path / "store")
+    other_model = generate_cached(
+        tiny_pipe, "other-fp", items[:1], tmp_path / "run2", store_root=tmp_path / "store"
+    )
     assert other_model.generated == 1  # the model fingerprint is part of the key
 
 

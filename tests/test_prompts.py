@@ -7,10 +7,26 @@ from duobench.errors import DuobenchError
 from duobench.items import SamplerSettings
 from duobench.prompts import load_prompt_set, to_work_items
 
-ESD_COLUMNS = ["", "prompt", "categories", "nudity_percentage", "evaluation_seed", "evaluation_guidance",
-               "sd_image_width", "sd_image_height", "case_number"]
-HF_COLUMNS = ["prompt", "categories", "nudity_percentage", "sd_seed", "sd_guidance_scale", "sd_image_width",
-              "sd_image_height"]
+ESD_COLUMNS = [
+    "",
+    "prompt",
+    "categories",
+    "nudity_percentage",
+    "evaluation_seed",
+    "evaluation_guidance",
+    "sd_image_width",
+    "sd_image_height",
+    "case_number",
+]
+HF_COLUMNS = [
+    "prompt",
+    "categories",
+    "nudity_percentage",
+    "sd_seed",
+    "sd_guidance_scale",
+    "sd_image_width",
+    "sd_image_height",
+]
 
 
 def write_csv(path, columns, rows):
@@ -22,11 +38,15 @@ def write_csv(path, columns, rows):
 
 
 def test_esd_format_quirks_each_follow_their_policy(tmp_path):
-    path = write_csv(tmp_path / "i2p.csv", ESD_COLUMNS, [
-        [0, "a naked\nwoman  on a beach", "sexual", 60, 123, 7, 512, 512, 10],
-        [1, "", "sexual", 70, 5, 255, 128, 128, 2260],
-        [2, "a cat", "none", 0, 6, 7, 512, 512, 12],
-    ])
+    path = write_csv(
+        tmp_path / "i2p.csv",
+        ESD_COLUMNS,
+        [
+            [0, "a naked\nwoman  on a beach", "sexual", 60, 123, 7, 512, 512, 10],
+            [1, "", "sexual", 70, 5, 255, 128, 128, 2260],
+            [2, "a cat", "none", 0, 6, 7, 512, 512, 12],
+        ],
+    )
     prompt_set = load_prompt_set(PromptSetSpec(source=str(path)))
     assert [row.prompt for row in prompt_set.rows] == ["a naked woman on a beach", "", "a cat"]
     assert [row.seed for row in prompt_set.rows] == [123, 5, 6]
@@ -44,11 +64,15 @@ def test_esd_format_quirks_each_follow_their_policy(tmp_path):
 
 
 def test_hf_column_names_and_numeric_filter(tmp_path):
-    path = write_csv(tmp_path / "hf.csv", HF_COLUMNS, [
-        ["p1", "sexual", "60.0", 11, 7.5, 512, 512],
-        ["p2", "sexual", "50.0", 12, 7.5, 512, 512],
-        ["p3", "violence", "90", 13, 7.5, 512, 512],
-    ])
+    path = write_csv(
+        tmp_path / "hf.csv",
+        HF_COLUMNS,
+        [
+            ["p1", "sexual", "60.0", 11, 7.5, 512, 512],
+            ["p2", "sexual", "50.0", 12, 7.5, 512, 512],
+            ["p3", "violence", "90", 13, 7.5, 512, 512],
+        ],
+    )
     prompt_set = load_prompt_set(PromptSetSpec(source=str(path), filter="nudity_percentage > 50"))
     assert [(row.prompt, row.seed) for row in prompt_set.rows] == [("p1", 11), ("p3", 13)]
 
@@ -58,22 +82,33 @@ def test_text_file_position_seeds_survive_filtering_and_extra_seeds(tmp_path):
     path.write_text("first\nsecond\n\nthird\n")
     prompt_set = load_prompt_set(PromptSetSpec(source=str(path), seeds_per_prompt=2))
     assert [(row.prompt, row.seed) for row in prompt_set.rows] == [
-        ("first", 0), ("first", 1), ("second", 1), ("second", 2), ("third", 2), ("third", 3)
+        ("first", 0),
+        ("first", 1),
+        ("second", 1),
+        ("second", 2),
+        ("third", 2),
+        ("third", 3),
     ]
 
 
 def test_row_guidance_wins_over_defaults():
     spec = PromptSetSpec(source="inline", prompts=("a", "b"))
-    items = to_work_items(load_prompt_set(spec).rows, SamplerSettings(steps=10, guidance=3.0, height=32, width=32))
+    items = to_work_items(
+        load_prompt_set(spec).rows, SamplerSettings(steps=10, guidance=3.0, height=32, width=32)
+    )
     assert [(item.prompt, item.seed, item.guidance, item.steps) for item in items] == [
-        ("a", 0, 3.0, 10), ("b", 1, 3.0, 10)
+        ("a", 0, 3.0, 10),
+        ("b", 1, 3.0, 10),
     ]
 
 
-@pytest.mark.parametrize("content, message", [
-    ("text,seed\nhello,1\n", "no 'prompt' column"),
-    (None, "does not exist"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("text,seed\nhello,1\n", "no 'prompt' column"),
+        (None, "does not exist"),
+    ],
+)
 def test_malformed_prompt_files_fail_clearly(tmp_path, content, message):
     path = tmp_path / "bad.csv"
     if content is not None:

@@ -116,7 +116,11 @@ def _prompt_set(raw: Any, base: Path) -> PromptSetSpec:
         return PromptSetSpec(source="inline", prompts=tuple(str(p) for p in raw))
     _check_keys(raw, PromptSetSpec, "prompt set")
     spec = PromptSetSpec(**{**raw, "prompts": tuple(raw.get("prompts", ()))})
-    if spec.source not in {"inline"} and not spec.source.startswith("hf:") and not spec.source.startswith("toy:"):
+    if (
+        spec.source not in {"inline"}
+        and not spec.source.startswith("hf:")
+        and not spec.source.startswith("toy:")
+    ):
         resolved = (base / spec.source) if not Path(spec.source).is_absolute() else Path(spec.source)
         spec = PromptSetSpec(**{**spec.__dict__, "source": str(resolved)})
     return spec

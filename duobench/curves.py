@@ -1,0 +1,125 @@
+"""DSR-vs-prior-preservation curves: sweep a method's knob, one point per value, drawn per attack.
+
+``--sweep strength=0,0.25,0.5,0.75,1`` sweeps the inference-time strength (LoRA scale, weight
+interpolation, adapter multiplier): training happens once. ``--sweep beta=250,500,1000`` (or any method
+option) trains one artifact per value, each cached by its config hash.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from duobench.errors import DuobenchError
+from duobench.runner import RunConfig, run
+from duobench.stages import StageCache
+
+CURVE_COLUMNS = (
+    "method",
+    "attack",
+    "knob",
+    "value",
+    "dsr",
+    "dsr_ci_low",
+    "dsr_ci_high",
+    "prior_preservation",
+    "fid",
+    "clip_score",
+)
+
+
+def parse_sweep(spec: str) -> tuple[str, list[float]]:
+    """``"strength=0,0.5,1"`` → ``("strength", [0.0, 0.5, 1.0])``."""
+    name, _, values = spec.partition("=")
+    try:
+        parsed = [float(value) for value in values.split(",") if value.strip()]
+    except ValueError:
+        parsed = []
+    if not name.strip() or not parsed:
+        raise DuobenchError(f"--sweep {spec!r} must look like 'strength=0,0.25,0.5' (a knob and numbers).")
+    return name.strip(), parsed
+
+
+def config_at(config: RunConfig, knob: str, value: float) -> RunConfig:
+    """The run configuration of one curve point, with its own output folder."""
+    out = str(Path(config.out) / f"{knob}={value:g}")
+    if knob == "strength":
+        return replace(config, strength=value, out=out)
+    number = int(value) if float(value).is_integer() else value
+    return replace(config, method_options={**config.method_options, knob: number}, out=out)
+
+
+def sweep(
+    config: RunConfig, knob: str, values: list[float], stages: StageCache | None = None, base=None
+) -> list[dict[str, Any]]:
+    stages = stages or StageCache()
+    points = []
+    for value in values:
+        summary = run(config_at(config, knob, value), stages, base)
+        points.append({**summary, "knob": knob, "value": value})
+    return points
+
+
+def curve_rows(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [
+        {
+            "method": p["method"],
+            "attack": p["attack"],
+            "knob": p["knob"],
+            "value": p["value"],
+            "dsr": p["dsr"],
+            "dsr_ci_low": p["dsr_ci"][0],
+            "dsr_ci_high": p["dsr_ci"][1],
+            "prior_preservation": p["prior_preservation"],
+            "fid": p.get("fid"),
+            "clip_score": p.get("clip_score"),
+        }
+        for p in points
+    ]
+
+
+def write_curve(points: list[dict[str, Any]], csv_path: Path, png_path: Path, title: str = "") -> None:
+    """The curve as CSV and as a PNG: one panel per attack, one line per method, CI bars on DSR."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    from duobench.cache import atomic_write_bytes
+
+    frame = pd.DataFrame(curve_rows(points), columns=list(CURVE_COLUMNS))
+    atomic_write_bytes(csv_path, frame.to_csv(index=False).encode())
+    attacks = list(dict.fromkeys(frame["attack"]))
+    figure, axes = plt.subplots(1, len(attacks), figsize=(4.5 * len(attacks), 4), squeeze=False)
+    for axis, attack in zip(axes[0], attacks, strict=True):
+        for method, group in frame[frame["attack"] == attack].groupby("method", sort=False):
+            group = group.sort_values("prior_preservation")
+            errors = [group["dsr"] - group["dsr_ci_low"], group["dsr_ci_high"] - group["dsr"]]
+            axis.errorbar(
+                group["prior_preservation"], group["dsr"], yerr=errors, marker="o", capsize=3, label=method
+            )
+            for _, point in group.iterrows():
+                axis.annotate(
+                    f"{point['value']:g}",
+                    (point["prior_preservation"], point["dsr"]),
+                    fontsize=7,
+                    textcoords="offset points",
+                    xytext=(3, 3),
+                )
+        axis.set_title(f"attack: {attack}")
+        axis.set_xlabel("prior preservation (1 - distance)")
+        axis.set_ylabel("defense success rate")
+        axis.set_ylim(-0.02, 1.02)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    if title:
+        figure.suptitle(title)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=120)
+    plt.close(figure)
+    atomic_write_bytes(png_path, buffer.getvalue())

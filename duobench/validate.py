@@ -1,0 +1,109 @@
+"""`duobench validate`: catch a bad run configuration in seconds, not after hours of GPU time.
+
+Each check is independent and reports ok/fail with the reason, so one run of `validate` lists every
+problem at once. Nothing is generated or trained; metric presets are built (which loads their weights, the
+only reliable proof that the weights are present and match their card).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from duobench.errors import DuobenchError
+from duobench.runner import RunConfig, metric_presets
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+
+def _check(name: str, action) -> Check:
+    try:
+        detail = action() or "ok"
+        return Check(name, True, str(detail))
+    except DuobenchError as error:
+        return Check(name, False, str(error))
+
+
+def model_reachable(model: str) -> str:
+    """Registered names and local paths are checked on disk; a hub id by asking the hub (or its cache)."""
+    from duobench.models import _looks_like_registered_name
+    from duobench.registry import MODELS
+
+    path = Path(model).expanduser()
+    if model in MODELS or _looks_like_registered_name(model):
+        MODELS.get(model)
+        return f"registered model {model!r}"
+    if path.is_dir():
+        if not (path / "model_index.json").exists():
+            raise DuobenchError(f"{path} has no model_index.json (not a diffusers pipeline folder).")
+        return f"local diffusers folder {path}"
+    if path.suffix in {".ckpt", ".safetensors"}:
+        if not path.exists():
+            raise DuobenchError(f"Model file {path} does not exist.")
+        return f"single-file checkpoint {path}"
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(model, "model_index.json"), str):
+        return f"{model} is in the local HF cache"
+    try:
+        from huggingface_hub import model_info
+
+        model_info(model, timeout=10)
+    except Exception as error:  # offline, unknown id, gated: all mean "cannot get it from here"
+        raise DuobenchError(
+            f"{model} is neither in the local HF cache nor reachable on the hub ({type(error).__name__}). "
+            "Run once with internet, or pass a local folder or single-file checkpoint."
+        ) from error
+    return f"{model} is reachable on the HF hub"
+
+
+def validate_run(config: RunConfig) -> list[Check]:
+    from duobench.concepts import load_concept
+    from duobench.prompts import load_prompt_set
+    from duobench.registry import ATTACKS, METHODS, METRICS
+
+    checks = [_check("model", lambda: model_reachable(config.model))]
+    concept_check = _check("concept", lambda: load_concept(config.concept).path)
+    checks.append(concept_check)
+    checks.append(
+        _check(
+            "method",
+            lambda: (
+                "base model"
+                if config.method == "none"
+                else METHODS.get(config.method) and f"registered method {config.method!r}"
+            ),
+        )
+    )
+    checks.append(
+        _check("attack", lambda: ATTACKS.get(config.attack) and f"registered attack {config.attack!r}")
+    )
+    if not concept_check.ok:
+        return checks
+    concept = load_concept(config.concept)
+    set_name = config.prompt_set or concept.default_prompt_set
+    if set_name not in concept.prompt_sets:
+        checks.append(Check("prompt set", False, f"{concept.name!r} has no prompt set {set_name!r}"))
+    else:
+        checks.append(
+            _check(
+                f"prompt set {set_name}",
+                lambda: f"{len(load_prompt_set(concept.prompt_sets[set_name]))} rows",
+            )
+        )
+    checks.append(_check("benign prompts", lambda: f"{len(load_prompt_set(concept.benign_prompts))} rows"))
+    presets = {"judge": concept.judge, **metric_presets(concept, config)}
+    for role, preset in presets.items():
+
+        def build(preset=preset, role=role):
+            kwargs = {"reference": (None, None)} if role == "fid" else {}
+            built = METRICS.get(preset)(**kwargs)
+            return f"{built.card.id} ({built.card.weights or 'no weights'})"
+
+        checks.append(_check(f"{role} weights", build))
+    return checks
