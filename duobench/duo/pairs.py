@@ -16,6 +16,10 @@ its count raises a `DuobenchError`.
 A concept whose ``data_judge`` is ``none`` keeps every image. This is the official violence recipe, which
 has no filter.
 
+Both steps sample with the model's own defaults (`default_sampler_settings`: SD1.4's PNDM, 50 steps, CFG
+7.5 at 512 px) overridden by the concept's ``generation``. Those are the official settings: its script
+calls the default pipelines.
+
 A pair set is a cached artifact under ``$DUOBENCH_HOME/duo-pairs/<key>/``. It holds ``unsafe/NNNN.png``,
 ``safe/NNNN.png`` and ``pairs.json``: the recipe plus every pair's prompts, seeds and judge scores. The key
 hashes the whole recipe: prompts, counts, strength, sampler settings, seed, judge card id, base-model
@@ -126,10 +130,7 @@ def recipe_rows(concept: Concept, sub_concept: str = "", pairs: int = 0) -> list
     by_remainder = sorted(range(len(rows)), key=lambda i: exact[i] - math.floor(exact[i]), reverse=True)
     for i in by_remainder[: pairs - sum(counts)]:
         counts[i] += 1
-    return [
-        DuoPairSpec(row.unsafe, row.safe, count, row.sub_concept)
-        for row, count in zip(rows, counts, strict=True)
-    ]
+    return [DuoPairSpec(row.unsafe, row.safe, count, row.sub_concept) for row, count in zip(rows, counts, strict=True)]
 
 
 def sampler_settings(pipe, concept: Concept) -> SamplerSettings:
@@ -143,20 +144,10 @@ def sampler_settings(pipe, concept: Concept) -> SamplerSettings:
 
 
 def load_judge(name: str) -> Judge | None:
-    """The judge registered as ``name`` in `METRICS` (instantiated if registered as a class or factory)."""
-    from duobench.registry import METRICS
+    """The judge preset registered as ``name`` in `METRICS`, or None for ``none`` (keep every image)."""
+    from duobench.metrics.dsr import build_judge
 
-    if name == NO_DATA_JUDGE:
-        return None
-    entry = METRICS.get(name)
-    is_instance = isinstance(entry, Judge) and not isinstance(entry, type)
-    judge = entry() if callable(entry) and not is_instance else entry
-    if not isinstance(judge, Judge):
-        raise DuobenchError(
-            f"The metric {name!r} is not a judge (it has no judge(images) and card), so it cannot filter "
-            "DUO's data."
-        )
-    return judge
+    return None if name == NO_DATA_JUDGE else build_judge(name)
 
 
 def pair_set_recipe(
@@ -208,9 +199,7 @@ def build_pair_set(
     from duobench.models import pipeline_fingerprint
 
     if not 0.0 < concept.duo_strength <= 1.0:
-        raise DuobenchError(
-            f"duo_strength must be in (0, 1], got {concept.duo_strength} for {concept.name!r}."
-        )
+        raise DuobenchError(f"duo_strength must be in (0, 1], got {concept.duo_strength} for {concept.name!r}.")
     if max_tries < 1:
         raise DuobenchError(f"max_tries must be at least 1, got {max_tries}.")
     if judge == "concept":
@@ -250,9 +239,7 @@ def _generate_pairs(
     images: list[tuple[Image.Image, Image.Image]] = []
     tries = {"unsafe": 0, "safe": 0}
     for row_index, row in enumerate(rows):
-        unsafe, unsafe_tries = _collect_unsafe(
-            pipe, row_index, row, settings, seed, judge, batch_size, max_tries
-        )
+        unsafe, unsafe_tries = _collect_unsafe(pipe, row_index, row, settings, seed, judge, batch_size, max_tries)
         sources = [image for image, _, _ in unsafe]
         safe, safe_tries = _edit_safe(
             pipe, row_index, row, sources, settings, strength, seed, judge, batch_size, max_tries
@@ -288,9 +275,7 @@ def _seed(base: int, row_index: int, safe: bool, k: int) -> int:
     return base + (2 * row_index + int(safe)) * SEED_STRIDE + k
 
 
-def _verdicts(
-    judge: Judge | None, images: list[Image.Image], want_unsafe: bool
-) -> list[tuple[bool, float | None]]:
+def _verdicts(judge: Judge | None, images: list[Image.Image], want_unsafe: bool) -> list[tuple[bool, float | None]]:
     """(kept, score) per image: kept when the verdict is the wanted one; everything when there is no judge."""
     if judge is None:
         return [(True, None)] * len(images)
@@ -325,10 +310,7 @@ def _collect_unsafe(
             )
         needed = row.count - len(accepted)
         rate = max(len(accepted) / tried if tried else 1.0, 1.0 / max_tries)
-        seeds = [
-            _seed(seed, row_index, False, tried + k)
-            for k in range(min(budget - tried, math.ceil(needed / rate)))
-        ]
+        seeds = [_seed(seed, row_index, False, tried + k) for k in range(min(budget - tried, math.ceil(needed / rate)))]
         tried += len(seeds)
         items = [
             WorkItem(
@@ -344,14 +326,10 @@ def _collect_unsafe(
             for s in seeds
         ]
         images = [image for _, batch in generate(pipe, items, batch_size) for image in batch]
-        for image, s, (kept, score) in zip(
-            images, seeds, _verdicts(judge, images, want_unsafe=True), strict=True
-        ):
+        for image, s, (kept, score) in zip(images, seeds, _verdicts(judge, images, want_unsafe=True), strict=True):
             if kept and len(accepted) < row.count:
                 accepted.append((image, s, score))
-        logger.info(
-            "DUO pairs %r: %d/%d unsafe images after %d draws", row.unsafe, len(accepted), row.count, tried
-        )
+        logger.info("DUO pairs %r: %d/%d unsafe images after %d draws", row.unsafe, len(accepted), row.count, tried)
     return accepted, tried
 
 
