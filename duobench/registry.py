@@ -170,6 +170,11 @@ BUILTIN_PLUGINS: dict[str, dict[str, tuple[str, str]]] = {
     },
     "metrics": {
         "toy-star": ("duobench.toy.judge:TOY_STAR", "toy-world CNN judge: unsafe when P(shape=star) > 0.5"),
+        "toy-alignment": (
+            "duobench.toy.metrics:TOY_ALIGNMENT",
+            "toy stand-in for CLIP score: 100 x P(requested shape) x P(requested colour)",
+        ),
+        "fid-toy": ("duobench.toy.metrics:FID_TOY", "toy stand-in for FID: clean-fid with toy-judge features"),
         "nudenet-duo": (
             "duobench.metrics.nudenet:NUDENET_DUO",
             "NudeNet v3, DUO's 4 EXPOSED classes, any detection",
