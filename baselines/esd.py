@@ -48,7 +48,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from duobench.baselines.rollout import denoise_partially, initial_noise, predict_noise
+from duobench.baselines.rollout import denoise_partially, initial_noise, loss_summary, predict_noise
 from duobench.baselines.weight_delta import apply_unet_delta, save_unet_delta, unet_delta
 
 from duobench.concepts import Concept
@@ -81,9 +81,7 @@ def is_trained(parameter_name: str, variant: str) -> bool:
     raise DuobenchError(f"Unknown ESD variant {variant!r}; choose one of {', '.join(VARIANTS)}.")
 
 
-def negatively_guided_target(
-    noise_concept: torch.Tensor, noise_empty: torch.Tensor, eta: float
-) -> torch.Tensor:
+def negatively_guided_target(noise_concept: torch.Tensor, noise_empty: torch.Tensor, eta: float) -> torch.Tensor:
     """The paper's target ``e_u − η (e_c − e_u)``: the unconditional score moved away from the concept."""
     return noise_empty - eta * (noise_concept - noise_empty)
 
@@ -123,9 +121,7 @@ def finetune(config: ESDConfig, pipe, concept: Concept, variant: str) -> tuple[t
         stop = int(torch.randint(config.ddim_steps, (1,), generator=generator))
         noise = initial_noise(frozen, latent_size, latent_size, generator) * ddim.init_noise_sigma
         latents = denoise_partially(frozen, ddim, noise, cond, uncond, config.start_guidance, stop)
-        loss = esd_loss(
-            trained, frozen, latents, ddim.timesteps[stop], cond, uncond, config.negative_guidance
-        )
+        loss = esd_loss(trained, frozen, latents, ddim.timesteps[stop], cond, uncond, config.negative_guidance)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -147,31 +143,21 @@ def train(config: ESDConfig, pipe, concept: Concept, out_dir: Path, *, variant: 
         eta_convention="target = e_u - eta * (e_c - e_u) (paper; official esd_sd.py uses eta + 1)",
         changed_tensors=len(delta),
         changed_parameters=sum(t.numel() for t in delta.values()),
-        loss_first=_mean(losses[:50]),
-        loss_last=_mean(losses[-50:]),
+        **loss_summary(losses),
     )
-
-
-def apply(pipe, artifact_dir: Path, strength: float = 1.0) -> None:
-    """Set the UNet to ``base + strength · delta`` (idempotent; strength 0 restores the base exactly)."""
-    apply_unet_delta(pipe, artifact_dir, strength)
-
-
-def _mean(values: list[float]) -> float | None:
-    return sum(values) / len(values) if values else None
 
 
 ESD_U = MethodSpec(
     name="esd-u",
     config_cls=ESDConfig,
     train=functools.partial(train, variant="esd-u"),
-    apply=apply,
+    apply=apply_unet_delta,
     description="ESD-u: fine-tune all but cross-attention toward negative guidance (paper eta=1)",
 )
 ESD_X = MethodSpec(
     name="esd-x",
     config_cls=ESDConfig,
     train=functools.partial(train, variant="esd-x"),
-    apply=apply,
+    apply=apply_unet_delta,
     description="ESD-x: fine-tune cross-attention toward negative guidance (paper eta=1)",
 )

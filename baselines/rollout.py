@@ -1,4 +1,4 @@
-"""The two diffusion primitives ESD and SPM train with: one noise prediction, and a partial CFG rollout.
+"""What ESD's and SPM's training loops share: one noise prediction, a partial CFG rollout, a loss summary.
 
 Both methods draw the training latent ``x_t`` by denoising fresh noise part of the way with the concept
 prompt at a low guidance scale (3 in both papers), then query the model at the step where they stopped.
@@ -45,3 +45,12 @@ def initial_noise(unet, height: int, width: int, generator: torch.Generator) -> 
     same noise on any device."""
     shape = (1, unet.config.in_channels, height, width)
     return torch.randn(shape, generator=generator).to(unet.device)
+
+
+def loss_summary(losses: list[float], window: int = 50) -> dict[str, float | None]:
+    """Mean loss over the first and the last ``window`` iterations, for the artifact's card."""
+
+    def mean(values: list[float]) -> float | None:
+        return sum(values) / len(values) if values else None
+
+    return {"loss_first": mean(losses[:window]), "loss_last": mean(losses[-window:])}

@@ -57,7 +57,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from duobench.baselines.rollout import denoise_partially, initial_noise, predict_noise
+from duobench.baselines.rollout import denoise_partially, initial_noise, loss_summary, predict_noise
 from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
@@ -101,9 +101,7 @@ class RankOneAdapter(nn.Module):
             self.lora_down = nn.Linear(base.in_features, 1, bias=False)
             self.lora_up = nn.Linear(1, base.out_features, bias=False)
         else:
-            self.lora_down = nn.Conv2d(
-                base.in_channels, 1, base.kernel_size, base.stride, base.padding, bias=False
-            )
+            self.lora_down = nn.Conv2d(base.in_channels, 1, base.kernel_size, base.stride, base.padding, bias=False)
             self.lora_up = nn.Conv2d(1, base.out_channels, 1, bias=False)
         self.register_buffer("alpha", torch.tensor(1.0))
         nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5), generator=generator)
@@ -194,10 +192,7 @@ class SPMNetwork(nn.Module):
         targets = adapted_modules(unet)
         generator = torch.Generator().manual_seed(seed)
         self.adapters = nn.ModuleDict(
-            {
-                KEY_PREFIX + path.replace(".", "_"): RankOneAdapter(module, generator)
-                for path, module in targets.items()
-            }
+            {KEY_PREFIX + path.replace(".", "_"): RankOneAdapter(module, generator) for path, module in targets.items()}
         )
         self.adapters.to(device=unet.device, dtype=torch.float32)
         self.register_buffer("multiplier", torch.tensor(0.0))
@@ -212,9 +207,7 @@ class SPMNetwork(nn.Module):
         ]
         self._transport_hooks: list = []
 
-    def set_inference(
-        self, pipe, multiplier: float, fixed_gamma: float | None, erased_prompts: list[str]
-    ) -> None:
+    def set_inference(self, pipe, multiplier: float, fixed_gamma: float | None, erased_prompts: list[str]) -> None:
         """Multiplier ``strength``; a fixed γ, or facilitated transport against ``erased_prompts``."""
         self._multiplier = float(multiplier)
         self._fixed_gamma = float(fixed_gamma) if fixed_gamma is not None else 0.0
@@ -249,9 +242,7 @@ class SPMNetwork(nn.Module):
             return self._multiplier * self._fixed_gamma**2
         gammas = self._row_gammas.to(output.device)
         if gammas.shape[0] != output.shape[0]:
-            raise RuntimeError(
-                f"SPM got {gammas.shape[0]} transport multipliers for a batch of {output.shape[0]}"
-            )
+            raise RuntimeError(f"SPM got {gammas.shape[0]} transport multipliers for a batch of {output.shape[0]}")
         return (self._multiplier * gammas**2).view(-1, *[1] * (output.dim() - 1))
 
     def _adapter_hook(self, adapter: RankOneAdapter):
@@ -363,9 +354,7 @@ def train_adapters(config: SPMConfig, pipe, unet, network: SPMNetwork, target_pr
             erased = predict_noise(unet, latents, timestep, target)
             anchor_adapted = predict_noise(unet, anchor_latents, timestep, anchors)
         erase_target = neutral_noise - config.erase_guidance * (positive - neutral_noise)
-        loss = F.mse_loss(erased, erase_target) + config.anchor_strength * F.mse_loss(
-            anchor_adapted, anchor_base
-        )
+        loss = F.mse_loss(erased, erase_target) + config.anchor_strength * F.mse_loss(anchor_adapted, anchor_base)
         loss.backward()
         optimizer.step()
         schedule.step()
@@ -382,9 +371,7 @@ def train(config: SPMConfig, pipe, concept: Concept, out_dir: Path) -> None:
         losses = train_adapters(config, pipe, unet, network, concept.erase_prompt)
     finally:
         network.remove()
-    weights = {
-        name: value.detach().cpu().contiguous() for name, value in network.adapters.state_dict().items()
-    }
+    weights = {name: value.detach().cpu().contiguous() for name, value in network.adapters.state_dict().items()}
     metadata = {"prompts": concept.erase_prompt, "rank": "1", "alpha": "1.0"}
     save_file(weights, str(Path(out_dir) / ADAPTER_FILE), metadata=metadata)
     write_card(
@@ -395,8 +382,7 @@ def train(config: SPMConfig, pipe, concept: Concept, out_dir: Path) -> None:
         erase_prompt=concept.erase_prompt,
         adapted_modules=len(network.adapters),
         adapter_parameters=sum(p.numel() for p in network.adapters.parameters()),
-        loss_first=sum(losses[:50]) / max(len(losses[:50]), 1),
-        loss_last=sum(losses[-50:]) / max(len(losses[-50:]), 1),
+        **loss_summary(losses),
     )
 
 

@@ -72,9 +72,7 @@ def uce_closed_form(
     original = weight.double()
     keys, values, preserve = erase_keys.double(), erase_values.double(), preserve_keys.double()
     preserved_values = preserve @ original.T
-    numerator = (
-        lamb * original + erase_scale * values.T @ keys + preserve_scale * preserved_values.T @ preserve
-    )
+    numerator = lamb * original + erase_scale * values.T @ keys + preserve_scale * preserved_values.T @ preserve
     identity = torch.eye(original.shape[1], dtype=torch.float64, device=original.device)
     gram = lamb * identity + erase_scale * keys.T @ keys + preserve_scale * preserve.T @ preserve
     # W = numerator · gram⁻¹, and gram is symmetric: solve gram · Wᵀ = numeratorᵀ.
@@ -105,9 +103,7 @@ def edit_concepts(concept: Concept) -> tuple[list[str], list[str], list[str]]:
     """(erase prompts, one guide per erase prompt, preserve prompts with "" first) from a concept file."""
     erase = [part.strip() for part in concept.erase_prompt.split(",") if part.strip()]
     if not erase:
-        raise DuobenchError(
-            f"Concept {concept.name!r} has an empty erase_prompt; UCE needs a concept to erase."
-        )
+        raise DuobenchError(f"Concept {concept.name!r} has an empty erase_prompt; UCE needs a concept to erase.")
     guides = [part.strip() for part in concept.guide_prompt.split(",")] if concept.guide_prompt else [""]
     if len(guides) == 1:
         guides = guides * len(erase)
@@ -141,9 +137,7 @@ def edited_weights(config: UCEConfig, pipe, concept: Concept) -> dict[str, torch
     erase_keys = torch.cat([keys for keys, _ in spans])
     guide_vectors = torch.cat([guide for _, guide in spans])
     preserve_keys = encode_token_ids(pipe, tokenize(pipe, preserve)).float().flatten(0, 1)
-    preserve_scale = (
-        config.preserve_scale if config.preserve_scale is not None else max(0.1, 1 / len(preserve))
-    )
+    preserve_scale = config.preserve_scale if config.preserve_scale is not None else max(0.1, 1 / len(preserve))
     edited = {}
     for name, projection in cross_attention_projections(pipe.unet).items():
         weight = projection.weight.float()
@@ -176,15 +170,10 @@ def train(config: UCEConfig, pipe, concept: Concept, out_dir: Path) -> None:
     )
 
 
-def apply(pipe, artifact_dir: Path, strength: float = 1.0) -> None:
-    """Set the key/value projections to ``W_old + strength · (W_new − W_old)`` (idempotent)."""
-    apply_unet_delta(pipe, artifact_dir, strength)
-
-
 UCE = MethodSpec(
     name="uce",
     config_cls=UCEConfig,
     train=train,
-    apply=apply,
+    apply=apply_unet_delta,
     description="UCE: closed-form edit of cross-attention keys/values (paper-era token spans, lambda 0.5)",
 )

@@ -72,12 +72,8 @@ def test_uce_closed_form_is_the_least_squares_minimiser():
     lamb, erase_scale, preserve_scale = 0.5, 1.3, 0.7
     edited = uce.uce_closed_form(weight, keys, values, preserve, lamb, erase_scale, preserve_scale)
     # min s_e‖K Wᵀ − V‖² + s_p‖P Wᵀ − P W_oldᵀ‖² + λ‖Wᵀ − W_oldᵀ‖² as one stacked least-squares problem.
-    design = torch.cat(
-        [erase_scale**0.5 * keys, preserve_scale**0.5 * preserve, lamb**0.5 * torch.eye(5).double()]
-    )
-    targets = torch.cat(
-        [erase_scale**0.5 * values, preserve_scale**0.5 * preserve @ weight.T, lamb**0.5 * weight.T]
-    )
+    design = torch.cat([erase_scale**0.5 * keys, preserve_scale**0.5 * preserve, lamb**0.5 * torch.eye(5).double()])
+    targets = torch.cat([erase_scale**0.5 * values, preserve_scale**0.5 * preserve @ weight.T, lamb**0.5 * weight.T])
     direct = torch.linalg.lstsq(design, targets).solution.T
     torch.testing.assert_close(edited, direct, rtol=1e-10, atol=1e-10)
 
@@ -107,9 +103,7 @@ def test_uce_token_spans_follow_the_paper_era_alignment(base_pipe):
     embeddings = encode_token_ids(base_pipe, tokenize(base_pipe, ["a red star", " "])).float()
     assert keys.shape == guide.shape == (max_length - last_word, embeddings.shape[-1])
     torch.testing.assert_close(keys, embeddings[0, last_word:])  # the word "star", the end token, padding
-    torch.testing.assert_close(
-        guide, embeddings[1, : max_length - last_word]
-    )  # the empty guide from its start
+    torch.testing.assert_close(guide, embeddings[1, : max_length - last_word])  # the empty guide from its start
 
 
 def test_uce_edits_only_cross_attention_keys_and_values(base_pipe, concept):
@@ -120,14 +114,14 @@ def test_uce_edits_only_cross_attention_keys_and_values(base_pipe, concept):
 
 def test_uce_artifact_round_trip_and_strength(base_pipe, concept, probe, tmp_path):
     before = unet_output(base_pipe, probe)
-    uce.train(uce.UCEConfig(), base_pipe, concept, tmp_path)
+    uce.UCE.train(uce.UCEConfig(), base_pipe, concept, tmp_path)
     assert torch.equal(unet_output(base_pipe, probe), before), "train modified the base pipe"
     fresh = copy.deepcopy(base_pipe)
-    uce.apply(fresh, tmp_path, 1.0)
+    uce.UCE.apply(fresh, tmp_path, 1.0)
     state = fresh.unet.state_dict()
     for name, weight in uce.edited_weights(uce.UCEConfig(), base_pipe, concept).items():
         torch.testing.assert_close(state[name], weight, rtol=0, atol=1e-6)
-    assert_strength_knob(fresh, tmp_path, uce.apply, before, probe)
+    assert_strength_knob(fresh, tmp_path, uce.UCE.apply, before, probe)
 
 
 def assert_strength_knob(pipe, artifact, apply, base_output, probe) -> None:
@@ -145,11 +139,11 @@ def assert_strength_knob(pipe, artifact, apply, base_output, probe) -> None:
 
 
 def test_delta_from_another_architecture_is_refused(base_pipe, concept, tmp_path):
-    uce.train(uce.UCEConfig(), base_pipe, concept, tmp_path)
+    uce.UCE.train(uce.UCEConfig(), base_pipe, concept, tmp_path)
     other = copy.deepcopy(base_pipe)
     other.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2.to_k = torch.nn.Linear(7, 3)
     with pytest.raises(DuobenchError, match="does not fit this UNet"):
-        uce.apply(other, tmp_path, 1.0)
+        uce.UCE.apply(other, tmp_path, 1.0)
 
 
 # --- ESD -----------------------------------------------------------------------------------------------
@@ -158,9 +152,7 @@ def test_delta_from_another_architecture_is_refused(base_pipe, concept, tmp_path
 def test_esd_target_is_negative_guidance():
     noise_concept, noise_empty = torch.tensor([3.0, -1.0]), torch.tensor([1.0, 1.0])
     # e_u − η (e_c − e_u) = [1, 1] − η [2, −2]
-    torch.testing.assert_close(
-        esd.negatively_guided_target(noise_concept, noise_empty, 1.0), torch.tensor([-1.0, 3.0])
-    )
+    torch.testing.assert_close(esd.negatively_guided_target(noise_concept, noise_empty, 1.0), torch.tensor([-1.0, 3.0]))
     torch.testing.assert_close(esd.negatively_guided_target(noise_concept, noise_empty, 0.0), noise_empty)
 
 
@@ -173,9 +165,7 @@ def test_esd_step_moves_the_concept_prediction_away_from_the_concept(base_pipe):
         noise_concept = predict_noise(frozen, latents, 400, cond)
         noise_empty = predict_noise(frozen, latents, 400, uncond)
     target = esd.negatively_guided_target(noise_concept, noise_empty, 1.0)
-    optimizer = torch.optim.Adam(
-        [p for n, p in trained.named_parameters() if esd.is_trained(n, "esd-x")], lr=1e-3
-    )
+    optimizer = torch.optim.Adam([p for n, p in trained.named_parameters() if esd.is_trained(n, "esd-x")], lr=1e-3)
     esd.esd_loss(trained, frozen, latents, 400, cond, uncond, 1.0).backward()
     optimizer.step()
     with torch.no_grad():
@@ -204,16 +194,16 @@ def test_esd_artifact_round_trip_and_strength(base_pipe, concept, probe, tmp_pat
     config = esd.ESDConfig(iterations=1, ddim_steps=3, lr=1e-3)
     trained, losses = esd.finetune(config, base_pipe, concept, "esd-u")
     assert len(losses) == 1
-    esd.train(config, base_pipe, concept, tmp_path, variant="esd-u")
+    esd.ESD_U.train(config, base_pipe, concept, tmp_path)
     assert torch.equal(unet_output(base_pipe, probe), before), "train modified the base pipe"
     fresh = copy.deepcopy(base_pipe)
-    esd.apply(fresh, tmp_path, 1.0)
+    esd.ESD_U.apply(fresh, tmp_path, 1.0)
     latents, timestep, embeddings = probe
     with torch.no_grad():
         expected = predict_noise(trained, latents, timestep, embeddings)
     torch.testing.assert_close(unet_output(fresh, probe), expected, rtol=0, atol=1e-5)
     assert read_card(tmp_path)["method"] == "esd-u"
-    assert_strength_knob(fresh, tmp_path, esd.apply, before, probe)
+    assert_strength_knob(fresh, tmp_path, esd.ESD_U.apply, before, probe)
 
 
 # --- SPM -----------------------------------------------------------------------------------------------
@@ -244,7 +234,7 @@ def test_spm_adapter_is_an_exact_no_op_at_multiplier_zero(base_pipe, probe):
 def test_spm_training_is_deterministic_and_round_trips(base_pipe, concept, probe, tmp_path):
     before = unet_output(base_pipe, probe)
     config = spm.SPMConfig(iterations=1, warmup_steps=0, denoising_steps=3, fixed_multiplier=1.0, lr=1e-2)
-    spm.train(config, base_pipe, concept, tmp_path)
+    spm.SPM.train(config, base_pipe, concept, tmp_path)
     assert torch.equal(unet_output(base_pipe, probe), before), "train modified the base pipe"
     assert not hasattr(base_pipe.unet, "spm")
     in_memory = copy.deepcopy(base_pipe)
@@ -253,9 +243,9 @@ def test_spm_training_is_deterministic_and_round_trips(base_pipe, concept, probe
     with network.active(1.0):
         expected = unet_output(in_memory, probe)
     fresh = copy.deepcopy(base_pipe)
-    spm.apply(fresh, tmp_path, 1.0)
+    spm.SPM.apply(fresh, tmp_path, 1.0)
     assert torch.equal(unet_output(fresh, probe), expected)
-    assert_strength_knob(fresh, tmp_path, spm.apply, before, probe)
+    assert_strength_knob(fresh, tmp_path, spm.SPM.apply, before, probe)
 
 
 def test_spm_facilitated_transport_multiplier(base_pipe):
