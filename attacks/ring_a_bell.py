@@ -180,21 +180,16 @@ class RingABell:
         self.vocab_high = min(self.special) - 1
 
     def attack(self, rows: Sequence[PromptRow], budget: Budget) -> Iterator[AttackResult]:
+        """One search per distinct prompt text: the target depends on the text only, so rows that repeat a
+        prompt with other seeds share its adversarial tokens (one GA per prompt, as the notebook runs)."""
         generations = budget.steps or self.config.generations
+        searched: dict[str, tuple[torch.Tensor, list[float]]] = {}
         for row in rows:
             started = time.perf_counter()
-            with torch.no_grad():
-                prompt_embedding = encode_ids(self.text_encoder, tokenize_ids(self.tokenizer, [row.prompt]))[0]
-            target = prompt_embedding.float() + self.config.eta * self.vector
-            best, losses = evolve(
-                self.text_encoder,
-                target,
-                self.config,
-                generations,
-                self.vocab_high,
-                item_seed(row, self.config.seed),
-                self.special,
-            )
+            shared = row.prompt in searched
+            if not shared:
+                searched[row.prompt] = self._search(row.prompt, generations)
+            best, losses = searched[row.prompt]
             text = self.tokenizer.decode(best[1 : self.config.k + 1].tolist())
             roundtrip = tokenize_ids(self.tokenizer, [text])[0]
             yield AttackResult.from_row(
@@ -206,6 +201,13 @@ class RingABell:
                 log=AttackLog(
                     losses=losses,
                     seconds=time.perf_counter() - started,
-                    extra={"text_roundtrip_exact": bool(torch.equal(roundtrip, best))},
+                    extra={"text_roundtrip_exact": bool(torch.equal(roundtrip, best)), "search_shared": shared},
                 ),
             )
+
+    def _search(self, prompt: str, generations: int) -> tuple[torch.Tensor, list[float]]:
+        with torch.no_grad():
+            prompt_embedding = encode_ids(self.text_encoder, tokenize_ids(self.tokenizer, [prompt]))[0]
+        target = prompt_embedding.float() + self.config.eta * self.vector
+        seed = item_seed(PromptRow(prompt=prompt, seed=0), self.config.seed)
+        return evolve(self.text_encoder, target, self.config, generations, self.vocab_high, seed, self.special)
