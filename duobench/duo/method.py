@@ -2,7 +2,9 @@
 
 A concept with sub-concepts (violence: blood, suffering, gun, horror) gets one LoRA per sub-concept, each
 trained on its own pair set with the same config. At inference they are summed with the concept's
-``duo_sub_concept_weights`` (default 1), as in the official ``inference.py``.
+``duo_sub_concept_weights`` (default 1), as in the official ``inference.py``. The official horror data has
+6 pairs, not 32: its prompt is a string where a list was meant, so ``len("horror")`` images are drawn. The
+violence concept file asks for 32 horror pairs like the other sub-concepts, which is what the paper means.
 
 The artifact folder holds ``card.json`` and one ``pytorch_lora_weights.safetensors`` per LoRA: at the top for
 a single concept, in ``<sub_concept>/`` otherwise. Each file loads with ``pipe.load_lora_weights(folder)``.
@@ -137,9 +139,7 @@ def train(config: DuoConfig, pipe, concept: Concept, out_dir: Path) -> None:
             {
                 "name": sub_concept or concept.name,
                 "folder": sub_concept or ".",
-                "weight": float(concept.duo_sub_concept_weights.get(sub_concept, 1.0))
-                if sub_concept
-                else 1.0,
+                "weight": float(concept.duo_sub_concept_weights.get(sub_concept, 1.0)) if sub_concept else 1.0,
                 "pair_set": pair_set.key,
                 "pairs": len(pair_set),
                 "final_step": history[-1],
@@ -180,9 +180,7 @@ def apply(pipe, artifact_dir: Path, strength: float = 1.0):
     for lora in card["loras"]:
         folder = artifact_dir / lora["folder"]
         if not (folder / LORA_WEIGHTS_NAME).exists():
-            raise DuobenchError(
-                f"DUO artifact {artifact_dir} is incomplete: {folder / LORA_WEIGHTS_NAME} is missing."
-            )
+            raise DuobenchError(f"DUO artifact {artifact_dir} is incomplete: {folder / LORA_WEIGHTS_NAME} is missing.")
         name = adapter_name(artifact_dir, lora["name"])
         if name not in loaded:
             pipe.load_lora_weights(folder, weight_name=LORA_WEIGHTS_NAME, adapter_name=name)
