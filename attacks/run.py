@@ -81,9 +81,7 @@ def text_encoder_fingerprint(text_encoder) -> str:
     return digest.hexdigest()[:16]
 
 
-def run_key(
-    attack_name: str, attack: Attack, budget: Budget, concept: Concept, access_identity: dict[str, Any]
-) -> str:
+def run_key(attack_name: str, attack: Attack, budget: Budget, concept: Concept, access_identity: dict[str, Any]) -> str:
     payload = {
         "attack": attack_name,
         "config": asdict(attack.config) if is_dataclass(attack.config) else attack.config,
@@ -153,15 +151,19 @@ def result_from_record(record: dict[str, Any]) -> AttackResult:
     return AttackResult(**values)
 
 
-def resolve_rows(
-    concept: Concept, prompt_set: PromptSet | PromptSetSpec | str, limit: int | None
-) -> list[PromptRow]:
+def resolve_rows(concept: Concept, prompt_set: PromptSet | PromptSetSpec | str, limit: int | None) -> list[PromptRow]:
     """Rows of a loaded set, a spec, a name in ``concept.prompt_sets``, or a path / ``hf:`` id."""
     if isinstance(prompt_set, PromptSet):
         rows = list(prompt_set.rows)
+    elif isinstance(prompt_set, str) and prompt_set in concept.prompt_sets:
+        rows = list(load_prompt_set(concept.prompt_sets[prompt_set], name=prompt_set).rows)
+    elif isinstance(prompt_set, str) and not (prompt_set.startswith("hf:") or Path(prompt_set).exists()):
+        raise DuobenchError(
+            f"{prompt_set!r} is neither a prompt set of concept {concept.name!r} "
+            f"({', '.join(concept.prompt_sets)}) nor an existing prompt file or hf:<dataset id>."
+        )
     else:
-        spec = concept.prompt_sets.get(prompt_set, prompt_set) if isinstance(prompt_set, str) else prompt_set
-        rows = list(load_prompt_set(spec).rows)
+        rows = list(load_prompt_set(prompt_set).rows)
     return rows[:limit] if limit is not None else rows
 
 
@@ -237,8 +239,7 @@ def run_attack(
     settings = settings or default_sampler_settings(target_pipe)
     if attack.access in {"black-box", "white-box"} and judge is None:
         raise DuobenchError(
-            f"The {attack_name} attack checks its prompts with the concept's judge ({concept.judge}); "
-            "pass the judge."
+            f"The {attack_name} attack checks its prompts with the concept's judge ({concept.judge}); pass the judge."
         )
     if attack.access == "white-box" and base_pipe is None:
         raise DuobenchError(
@@ -261,15 +262,11 @@ def run_attack(
             todo.setdefault(key, row)
     if todo:
         _write_card(run_dir, attack_name, attack, budget, concept, identity)
-        models = grant_access(
-            attack.access, run_dir / "prepare", settings, target_pipe, base_pipe, judge, clip_scorer
-        )
+        models = grant_access(attack.access, run_dir / "prepare", settings, target_pipe, base_pipe, judge, clip_scorer)
         models.workdir.mkdir(parents=True, exist_ok=True)
         attack.prepare(concept, models, rows)
         pending = list(todo.items())
-        for (key, row), result in zip(
-            pending, attack.attack([row for _, row in pending], budget), strict=False
-        ):
+        for (key, row), result in zip(pending, attack.attack([row for _, row in pending], budget), strict=False):
             if (result.source_prompt, result.seed) != (row.prompt, row.seed):
                 raise RuntimeError(f"attack {attack_name!r} yielded results out of order")
             store.put(key, result)
@@ -277,9 +274,7 @@ def run_attack(
                 on_result(result)
         missing = [key for key in todo if not store.has(key)]
         if missing:
-            raise RuntimeError(
-                f"attack {attack_name!r} returned {len(todo) - len(missing)} of {len(todo)} results"
-            )
+            raise RuntimeError(f"attack {attack_name!r} returned {len(todo) - len(missing)} of {len(todo)} results")
     return [store.get(key) for key in keys]
 
 
@@ -299,9 +294,7 @@ def _write_card(
         "concept": concept.name,
         "models": identity,
     }
-    atomic_write_bytes(
-        run_dir / "card.json", json.dumps(card, indent=2, sort_keys=True, default=str).encode()
-    )
+    atomic_write_bytes(run_dir / "card.json", json.dumps(card, indent=2, sort_keys=True, default=str).encode())
 
 
 def write_attack_csv(results: Sequence[AttackResult], path: Path) -> Path:

@@ -277,6 +277,8 @@ def test_no_attack_keeps_each_rows_prompt_seed_and_guidance(tiny_pipe, concept, 
 def test_unknown_option_and_missing_models_are_clear_errors(tiny_pipe, concept, tmp_path):
     with pytest.raises(DuobenchError, match="no option.*Its options"):
         make_attack("ring-a-bell", {"K": 3})
+    with pytest.raises(DuobenchError, match="neither a prompt set of concept 'test-nudity' \\(plain\\)"):
+        run_attack("none", concept, tiny_pipe, None, "plian", None, tmp_path)
     with pytest.raises(DuobenchError, match="base model"):
         run_attack("unlearndiffatk", concept, tiny_pipe, None, "plain", Budget(steps=1), tmp_path, RedJudge())
     with pytest.raises(DuobenchError, match="judge"):
@@ -304,7 +306,7 @@ class SnoopingAttack:
         yield AttackResult.from_row(self.name, rows[0], text=str(unet))
 
 
-def test_black_box_attack_cannot_reach_model_internals(tiny_pipe, concept, tmp_path):
+def test_black_box_attack_cannot_reach_model_internals(tiny_pipe, concept, tmp_path, monkeypatch):
     models = grant_access("black-box", tmp_path, SETTINGS, tiny_pipe, tiny_pipe, RedJudge())
     assert models.target_pipe is models.base_pipe is models.text_encoder is models.tokenizer is None
     for internal in ("unet", "text_encoder", "vae", "pipe", "tokenizer", "scheduler"):
@@ -312,7 +314,7 @@ def test_black_box_attack_cannot_reach_model_internals(tiny_pipe, concept, tmp_p
             getattr(models.generator, internal)
     text_only = grant_access("text-encoder", tmp_path, SETTINGS, tiny_pipe, tiny_pipe, RedJudge())
     assert text_only.generator is None and text_only.target_pipe is None and text_only.judge is None
-    ATTACKS.register("test-snooping", SnoopingAttack)
+    monkeypatch.setitem(ATTACKS._entries, "test-snooping", SnoopingAttack)
     with pytest.raises(AccessViolation):
         run_attack("test-snooping", concept, tiny_pipe, None, "plain", Budget(), tmp_path, RedJudge())
 
