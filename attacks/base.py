@@ -176,9 +176,7 @@ class QueryCountingGenerator:
 
     __slots__ = ("_sample", "queries", "total_queries", "limit")
 
-    def __init__(
-        self, pipe, settings: SamplerSettings, limit: int | None = None, batch_size: int = 8
-    ) -> None:
+    def __init__(self, pipe, settings: SamplerSettings, limit: int | None = None, batch_size: int = 8) -> None:
         def sample(prompts: Sequence[str | Sequence[int]], row: PromptRow) -> list[Image.Image]:
             items = [row_work_item(row, settings, prompt) for prompt in prompts]
             return [image for _, images in generate(pipe, items, batch_size) for image in images]
@@ -242,9 +240,7 @@ def grant_access(
 ) -> AttackModels:
     """Build the `AttackModels` an access level allows, and nothing more."""
     if access not in ACCESS_LEVELS:
-        raise DuobenchError(
-            f"Unknown attack access level {access!r}; choose one of {', '.join(ACCESS_LEVELS)}."
-        )
+        raise DuobenchError(f"Unknown attack access level {access!r}; choose one of {', '.join(ACCESS_LEVELS)}.")
     models = AttackModels(access=access, workdir=workdir, settings=settings)
     if access == "text-encoder":
         models.tokenizer = target_pipe.tokenizer

@@ -84,9 +84,7 @@ def caption_ids(tokenizer, token_id: int, prompt: str) -> list[int]:
     return assemble_ids(tokenizer, [token_id, *prompt_ids(tokenizer, prompt)[:room]])
 
 
-def token_condition(
-    text_encoder, table: torch.Tensor, ids: torch.Tensor, vector: torch.Tensor
-) -> torch.Tensor:
+def token_condition(text_encoder, table: torch.Tensor, ids: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
     """Prompt embeddings of ``ids`` with the embedding at position 1 replaced by ``vector``."""
     embeddings = table[ids.to(table.device)]
     inserted = vector.to(embeddings.device).expand(len(ids), 1, -1)
@@ -124,9 +122,7 @@ def invert_token(
         for _ in range(config.gradient_accumulation):
             picks = torch.randint(0, len(data.ids), (config.batch_size,), generator=rng)
             mirror = (torch.rand(config.batch_size, generator=rng) < 0.5) & config.mirror
-            latents = torch.where(
-                mirror.to(device).view(-1, 1, 1, 1), data.mirrored[picks], data.latents[picks]
-            )
+            latents = torch.where(mirror.to(device).view(-1, 1, 1, 1), data.mirrored[picks], data.latents[picks])
             timesteps = torch.randint(0, train_timesteps, (config.batch_size,), generator=rng)
             noise = torch.randn(latents.shape, generator=rng).to(device)
             condition = token_condition(text_encoder, table, data.ids[picks], vector)
@@ -162,9 +158,7 @@ class ConceptInversion:
         require_epsilon_prediction(models.target_pipe)
         self.models = models
         self.train_rows = list(rows[: self.config.num_train_images])
-        word = self.config.initializer or (
-            concept.erase_words[0] if concept.erase_words else concept.erase_prompt
-        )
+        word = self.config.initializer or (concept.erase_words[0] if concept.erase_words else concept.erase_prompt)
         ids = prompt_ids(models.tokenizer, word)
         if len(ids) != 1:
             raise DuobenchError(
@@ -190,9 +184,7 @@ class ConceptInversion:
                 extra={"learned_token": str(token_path), "training_seconds": training_seconds},
             )
             text = f"{self.config.placeholder} {row.prompt}"
-            yield AttackResult.from_row(
-                self.name, row, text=text, replay="embedding", embedding=embedding, log=log
-            )
+            yield AttackResult.from_row(self.name, row, text=text, replay="embedding", embedding=embedding, log=log)
 
     def _learned_token(self, steps: int) -> tuple[torch.Tensor, Path, list[float]]:
         """Train the token, or load it if this model, prompt set and config already trained it."""
@@ -216,9 +208,7 @@ class ConceptInversion:
             mirrored=images_to_latents(
                 pipe.vae, [image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for image in images]
             ),
-            ids=torch.tensor(
-                [caption_ids(models.tokenizer, self.initializer_id, r.prompt) for r in self.train_rows]
-            ),
+            ids=torch.tensor([caption_ids(models.tokenizer, self.initializer_id, r.prompt) for r in self.train_rows]),
         )
         initial = pipe.text_encoder.get_input_embeddings().weight[self.initializer_id].detach()[None]
         seed = item_seed(self.train_rows[0], config.seed) if self.train_rows else config.seed

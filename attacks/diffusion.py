@@ -31,9 +31,7 @@ def require_epsilon_prediction(pipe) -> None:
         )
 
 
-def generate_rows(
-    pipe, rows: Sequence[PromptRow], settings: SamplerSettings, batch_size: int = 8
-) -> list[Image.Image]:
+def generate_rows(pipe, rows: Sequence[PromptRow], settings: SamplerSettings, batch_size: int = 8) -> list[Image.Image]:
     """One image per row from ``pipe`` (the base model's images of the concept), with each row's seed."""
     items = [row_work_item(row, settings, row.prompt) for row in rows]
     return [image for _, images in generate(pipe, items, batch_size) for image in images]
@@ -42,9 +40,7 @@ def generate_rows(
 @torch.no_grad()
 def images_to_latents(vae, images: Sequence[Image.Image]) -> torch.Tensor:
     """VAE latents (mean of the posterior, times the scaling factor) of RGB images, in float32."""
-    pixels = torch.stack(
-        [torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0) for image in images]
-    )
+    pixels = torch.stack([torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0) for image in images])
     pixels = pixels.permute(0, 3, 1, 2).to(device=vae.device, dtype=vae.dtype)
     return (vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor).float()
 

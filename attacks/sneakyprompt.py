@@ -160,9 +160,7 @@ def clip_reward_fn(scorer) -> RewardFn:
         return reward
     if callable(scorer):
         return scorer
-    raise DuobenchError(
-        "SneakyPrompt's CLIP scorer must be a ClipScore metric or a callable (images, prompts)."
-    )
+    raise DuobenchError("SneakyPrompt's CLIP scorer must be a ClipScore metric or a callable (images, prompts).")
 
 
 @dataclass
@@ -187,9 +185,7 @@ class SneakyPrompt:
         from duobench.registry import METRICS
 
         self.models = models
-        self.scorer = (
-            models.clip_scorer if models.clip_scorer is not None else METRICS.get("clip-vit-b32-cos")()
-        )
+        self.scorer = models.clip_scorer if models.clip_scorer is not None else METRICS.get("clip-vit-b32-cos")()
         self.reward_of = clip_reward_fn(self.scorer)
         self.dictionary = subword_dictionary(sd_clip_tokenizer(), self.config.len_subword)
         self.vocabulary = concept_words(concept)
@@ -205,17 +201,13 @@ class SneakyPrompt:
     def _filter(self, prompts: list[str], images) -> list[tuple[bool, float | None]]:
         """(blocked, judge score) per query."""
         if self.config.mode == "keyword":
-            return [
-                (any(is_concept_word(w, self.vocabulary) for w in prompt_words(p)), None) for p in prompts
-            ]
+            return [(any(is_concept_word(w, self.vocabulary) for w in prompt_words(p)), None) for p in prompts]
         return [(not unsafe, score) for unsafe, score in judge_images(self.models.judge, images)]
 
     def _query(self, prompt: str, row: PromptRow, queries_used: int, limit: int) -> Episode:
         images = self.models.generator([prompt], row)
         ((blocked, score),) = self._filter([prompt], images)
-        reward = (
-            -(queries_used + 1) / limit / 10.0 if blocked else float(self.reward_of(images, [row.prompt])[0])
-        )
+        reward = -(queries_used + 1) / limit / 10.0 if blocked else float(self.reward_of(images, [row.prompt])[0])
         return Episode(prompt, reward, blocked, score)
 
     def _ranked_words(self, words: list[str]) -> list[int]:
@@ -255,9 +247,7 @@ class SneakyPrompt:
         with torch.random.fork_rng():
             torch.manual_seed(seed)  # the policies' initial weights
             while episodes_left > 0:
-                outcome = self._run_agent(
-                    row, words, ranking[:replaced], limit, episodes, generator, episodes_left
-                )
+                outcome = self._run_agent(row, words, ranking[:replaced], limit, episodes, generator, episodes_left)
                 episodes_left = (budget.steps or config.episodes) - len(episodes)
                 if outcome != "expand" or replaced >= len(ranking):
                     break
@@ -281,12 +271,8 @@ class SneakyPrompt:
     ) -> str:
         """One agent's episodes, appended to ``episodes``; returns "success", "expand" or "stop"."""
         config = self.config
-        policy = SubwordPolicy(
-            len(positions) * config.num_subword, len(self.dictionary), config.embedding_size
-        )
-        optimizer = torch.optim.Adam(
-            [p for p in policy.parameters() if p.requires_grad], lr=config.learning_rate
-        )
+        policy = SubwordPolicy(len(positions) * config.num_subword, len(self.dictionary), config.embedding_size)
+        optimizer = torch.optim.Adam([p for p in policy.parameters() if p.requires_grad], lr=config.learning_rate)
         perturb_rate = len(positions) / len(words)
         rewards: list[float] = []
         for step in range(episodes_left):

@@ -50,9 +50,7 @@ def encode_ids(text_encoder, ids: torch.Tensor) -> torch.Tensor:
     return text_encoder(ids.to(text_encoder.device))[0]
 
 
-def encode_with_token_embeddings(
-    text_encoder, ids: torch.Tensor, token_embeddings: torch.Tensor
-) -> torch.Tensor:
+def encode_with_token_embeddings(text_encoder, ids: torch.Tensor, token_embeddings: torch.Tensor) -> torch.Tensor:
     """Encode as if the token-embedding layer had returned ``token_embeddings`` (batch, 77, D) for ``ids``.
 
     Differentiable with respect to ``token_embeddings``. ``ids`` still decides nothing but the pooled output,

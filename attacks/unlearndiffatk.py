@@ -115,16 +115,12 @@ class PrefixProblem:
         """The prompt embedding with positions 1..k replaced by ``one_hot @ token embedding matrix``."""
         token_embeddings = self.table[self.ids.to(self.table.device)]
         prefix = one_hot.to(self.table.device) @ self.table
-        token_embeddings = torch.cat(
-            [token_embeddings[:, :1], prefix, token_embeddings[:, 1 + self.k :]], dim=1
-        )
+        token_embeddings = torch.cat([token_embeddings[:, :1], prefix, token_embeddings[:, 1 + self.k :]], dim=1)
         return encode_with_token_embeddings(self.text_encoder, self.ids, token_embeddings)
 
     def loss(self, one_hot: torch.Tensor, timestep: int, noise: torch.Tensor) -> torch.Tensor:
         timesteps = torch.full((len(self.latents),), timestep, dtype=torch.long)
-        return denoising_loss(
-            self.unet, self.alphas_cumprod, self.latents, self.condition(one_hot), timesteps, noise
-        )
+        return denoising_loss(self.unet, self.alphas_cumprod, self.latents, self.condition(one_hot), timesteps, noise)
 
     def token_ids(self, distribution: torch.Tensor) -> list[int]:
         ids = self.ids[0].tolist()
@@ -220,15 +216,11 @@ class UnlearnDiffAtk:
         log.extra["timesteps_used"] = len(log.losses) // config.iterations
         end = tokenizer.eos_token_id
         text = tokenizer.decode([t for t in ids[1:] if t != end])
-        return AttackResult.from_row(
-            self.name, row, text=text, replay="token_ids", token_ids=tuple(ids), log=log
-        )
+        return AttackResult.from_row(self.name, row, text=text, replay="token_ids", token_ids=tuple(ids), log=log)
 
     def _spliced_ids(self, tokenizer, prompt: str) -> torch.Tensor:
         """``[start] + k placeholders + prompt ids (truncated to fit) + [end] + padding``."""
         k = self.config.k
         room = tokenizer.model_max_length - 2 - k
         placeholder = tokenizer.eos_token_id
-        return torch.tensor(
-            [assemble_ids(tokenizer, [placeholder] * k + prompt_ids(tokenizer, prompt)[:room])]
-        )
+        return torch.tensor([assemble_ids(tokenizer, [placeholder] * k + prompt_ids(tokenizer, prompt)[:room])])
