@@ -142,20 +142,14 @@ def test_one_step_makes_unsafe_latents_less_likely_than_safe_ones(pipe):
     null = torch.randn(1, 77, pipe.text_encoder.config.hidden_size, generator=generator)
     with lora_attached(unet, rank=4, alpha=4) as parameters:
         optimizer = torch.optim.AdamW(parameters, lr=1e-4, weight_decay=1e-2)
-        loss_before, stats_before = duo_loss(
-            *duo_errors(unet, unet, scheduler, batch, null), beta=500, lam=5e6
-        )
+        loss_before, stats_before = duo_loss(*duo_errors(unet, unet, scheduler, batch, null), beta=500, lam=5e6)
         # The zero-initialised LoRA B makes the model equal the reference: both log-ratios start at 0.
         assert stats_before["unsafe_log_ratio"] == 0 and stats_before["safe_log_ratio"] == 0
         loss_before.backward()
         optimizer.step()
         with torch.no_grad():
-            model_unsafe, ref_unsafe, model_safe, ref_safe, prior = duo_errors(
-                unet, unet, scheduler, batch, null
-            )
-            _, stats_after = duo_loss(
-                model_unsafe, ref_unsafe, model_safe, ref_safe, prior, beta=500, lam=5e6
-            )
+            model_unsafe, ref_unsafe, model_safe, ref_safe, prior = duo_errors(unet, unet, scheduler, batch, null)
+            _, stats_after = duo_loss(model_unsafe, ref_unsafe, model_safe, ref_safe, prior, beta=500, lam=5e6)
     unsafe_shift = model_unsafe - ref_unsafe  # > 0: the model denoises x⁻ worse, i.e. finds it less likely
     safe_shift = model_safe - ref_safe
     assert (unsafe_shift - safe_shift).mean() > 0
@@ -219,6 +213,21 @@ def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(pipe, tmp_pa
     pipe.load_lora_weights(tmp_path / "checkpoint-2", weight_name=LORA_WEIGHTS_NAME, adapter_name="kept")
 
 
+def test_training_is_deterministic_given_its_seed(pipe, tmp_path):
+    generator = torch.Generator().manual_seed(1)
+    latents = PairLatents(*(torch.randn(2, 4, 8, 8, generator=generator) for _ in range(4)))
+    null = torch.zeros(1, 77, pipe.text_encoder.config.hidden_size)
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    config = DuoConfig(steps=2, pairs_per_step=1, lora_rank=4, lora_alpha=4.0, base_lr=3e-3)
+    first, second = tmp_path / "first", tmp_path / "second"
+    train_lora(pipe.unet, scheduler, latents, null, config, first)
+    train_lora(pipe.unet, scheduler, latents, null, config, second)
+    weights_first, weights_second = load_file(first / LORA_WEIGHTS_NAME), load_file(second / LORA_WEIGHTS_NAME)
+    assert weights_first.keys() == weights_second.keys()
+    assert all(torch.equal(weights_first[key], weights_second[key]) for key in weights_first)
+    assert any(weights_first[key].abs().sum() > 0 for key in weights_first if ".lora.up." in key)
+
+
 def test_pair_set_keeps_only_judged_images_records_seeds_and_is_cached(pipe, tmp_path):
     concept = tiny_concept((DuoPairSpec("a red star", "a blue star", 3),))
     # Put the threshold at the least red of the first three draws, so at least one draw is rejected.
@@ -262,9 +271,7 @@ def test_concepts_recipes_and_configs():
         recipe_rows(violence, "fire")
 
     assert METHODS.get("duo") is SPEC
-    sweep = {
-        beta: config_key("duo", make_config(SPEC, {"beta": beta}), nudity, "base") for beta in (250, 500)
-    }
+    sweep = {beta: config_key("duo", make_config(SPEC, {"beta": beta}), nudity, "base") for beta in (250, 500)}
     assert sweep[250] != sweep[500]  # a β sweep is several cached artifacts
     assert make_config(SPEC, PAPER_SETTINGS["violence"]).steps == 500
     with pytest.raises(DuobenchError, match="beta must be > 0"):

@@ -114,23 +114,17 @@ class PairLatents:
         return self.unsafe_mean.shape[0]
 
     def to(self, device: torch.device) -> PairLatents:
-        return PairLatents(
-            *(t.to(device) for t in (self.unsafe_mean, self.unsafe_std, self.safe_mean, self.safe_std))
-        )
+        return PairLatents(*(t.to(device) for t in (self.unsafe_mean, self.unsafe_std, self.safe_mean, self.safe_std)))
 
     def sample(self, index: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """One fresh latent per image, as ``latent_dist.sample()`` would give."""
-        unsafe = self.unsafe_mean[index] + self.unsafe_std[index] * _randn_like(
-            self.unsafe_mean[index], generator
-        )
+        unsafe = self.unsafe_mean[index] + self.unsafe_std[index] * _randn_like(self.unsafe_mean[index], generator)
         safe = self.safe_mean[index] + self.safe_std[index] * _randn_like(self.safe_mean[index], generator)
         return unsafe, safe
 
 
 @torch.no_grad()
-def encode_pairs(
-    vae, unsafe_pixels: torch.Tensor, safe_pixels: torch.Tensor, batch_size: int = 8
-) -> PairLatents:
+def encode_pairs(vae, unsafe_pixels: torch.Tensor, safe_pixels: torch.Tensor, batch_size: int = 8) -> PairLatents:
     """Encode pixel tensors in [-1, 1] (``(N, 3, H, W)`` each) into their scaled latent posteriors (fp32)."""
 
     def posterior(pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -237,8 +231,11 @@ def duo_errors(
 
 
 @contextmanager
-def lora_attached(unet, rank: int, alpha: float) -> Iterator[list[torch.nn.Parameter]]:
+def lora_attached(unet, rank: int, alpha: float, seed: int = 0) -> Iterator[list[torch.nn.Parameter]]:
     """Attach a fresh trainable LoRA to ``unet`` and yield its parameters; remove it afterwards.
+
+    The Gaussian init of the LoRA's A matrices is drawn from ``seed`` (the official script's ``set_seed``
+    comes before the adapter is made), without disturbing the caller's global random state.
 
     The base weights are frozen meanwhile and their ``requires_grad`` flags, the train/eval mode and the
     module tree are restored on exit, so the caller's pipeline is left exactly as it was.
@@ -254,10 +251,10 @@ def lora_attached(unet, rank: int, alpha: float) -> Iterator[list[torch.nn.Param
     requires_grad = {name: p.requires_grad for name, p in unet.named_parameters()}
     was_training = unet.training
     unet.requires_grad_(False)
-    config = LoraConfig(
-        r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(LORA_TARGETS)
-    )
-    unet.add_adapter(config, adapter_name=TRAIN_ADAPTER)
+    config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(LORA_TARGETS))
+    with torch.random.fork_rng(devices=[unet.device] if unet.device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        unet.add_adapter(config, adapter_name=TRAIN_ADAPTER)
     cast_training_params(unet, dtype=torch.float32)  # LoRA in fp32 even when the base runs in fp16
     try:
         yield [p for p in unet.parameters() if p.requires_grad]
@@ -277,9 +274,7 @@ def save_lora(unet, folder: Path) -> Path:
     state = get_peft_model_state_dict(unet, adapter_name=TRAIN_ADAPTER)
     state = {name: tensor.detach().float().cpu().contiguous() for name, tensor in state.items()}
     metadata = unet.peft_config[TRAIN_ADAPTER].to_dict()
-    metadata["target_modules"] = sorted(
-        metadata["target_modules"]
-    )  # a set: sorted, so files are reproducible
+    metadata["target_modules"] = sorted(metadata["target_modules"])  # a set: sorted, so files are reproducible
     folder.mkdir(parents=True, exist_ok=True)
     StableDiffusionPipeline.save_lora_weights(
         save_directory=folder,
@@ -352,7 +347,7 @@ def train_lora(
     batches = epoch_batches(len(latents), config.micro_batch_pairs, accelerator.process_index, world, shuffle)
     history: list[dict[str, float]] = []
     last_checkpoint: Path | None = None
-    with lora_attached(unet, config.lora_rank, config.lora_alpha) as lora_parameters:
+    with lora_attached(unet, config.lora_rank, config.lora_alpha, config.seed) as lora_parameters:
         optimizer = torch.optim.AdamW(
             lora_parameters, lr=learning_rate, betas=(0.9, 0.999), eps=1e-8, weight_decay=config.weight_decay
         )
@@ -398,9 +393,7 @@ def train_lora(
     return history
 
 
-def _stop_if_bad(
-    accelerator, loss: torch.Tensor, divergence_loss: float, step: int, last: Path | None
-) -> None:
+def _stop_if_bad(accelerator, loss: torch.Tensor, divergence_loss: float, step: int, last: Path | None) -> None:
     """Stop every process together when any one sees a non-finite or diverged loss."""
     value = loss.detach().float()
     bad = torch.tensor(float(not torch.isfinite(value) or value > divergence_loss), device=value.device)
