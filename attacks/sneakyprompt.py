@@ -30,8 +30,9 @@ Differences, on purpose: the dictionary strips CLIP's ``</w>`` marker before kee
 regex keeps its ``w``, making ``cat</w>`` into ``catw``) and is de-duplicated; when no concept word occurs
 in the prompt, the words are ranked by CLIP text similarity to ``erase_prompt`` (the official code uses a
 HuggingFace NSFW text classifier); the skip test counts as a query. ``log.losses`` is the negative reward
-per episode. The CLIP scorer is the ``clip-vit-b32-cos`` preset (the official torchmetrics ViT-B/32) unless
-another is passed; a plain callable ``(images, prompts) -> rewards`` works too.
+per episode. The CLIP scorer is the one passed in (a CLIP-score metric preset, or a callable
+``(images, prompts) -> rewards``), else the concept's own ``metrics.clip_score`` preset when it names one (the
+toy world's ``toy-alignment``), else ``clip-vit-b32-cos`` (the official torchmetrics ViT-B/32).
 """
 
 from __future__ import annotations
@@ -43,7 +44,6 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
 from duobench.attacks.base import AttackLog, AttackModels, AttackResult, Budget, item_seed, judge_images
 from torch import nn
@@ -54,6 +54,8 @@ from duobench.prompts import PromptRow
 from duobench.tokenizer import sd_clip_tokenizer
 
 MODES = ("direct", "keyword")
+DEFAULT_SCORER = "clip-vit-b32-cos"
+"""The official reward model: torchmetrics' CLIPScore with OpenAI ViT-B/32."""
 FIRST_INPUT_SIZE = 225
 """The official policy's first (frozen) input embedding table has 225 rows; its input is always 0."""
 PUNCTUATION_SPLIT = re.compile(rf"([{re.escape(string.punctuation)}])\B")
@@ -148,19 +150,28 @@ def actor_critic_step(
 
 
 def clip_reward_fn(scorer) -> RewardFn:
-    """``max(cos, 0)`` between image and prompt (torchmetrics' CLIPScore / 100) from a `ClipScore` metric,
-    or a callable that already returns rewards."""
-    if hasattr(scorer, "scores") and hasattr(scorer, "scale"):
+    """Per-image reward on [0, 1] from a CLIP-score metric preset (a streaming metric whose ``compute()`` reports
+    ``clip_score``; 0-100 scales are divided by 100, raw cosines clamped at 0, as torchmetrics' CLIPScore / 100
+    is), or a callable ``(images, prompts) -> rewards`` used as it is."""
+    if all(hasattr(scorer, name) for name in ("reset", "update", "compute", "card")):
+        cosine = scorer.card.params.get("scale") == "cosine"
 
         def reward(images, prompts):
-            scores, _ = scorer.scores(list(images), list(prompts))
-            scores = np.asarray(scores, dtype=np.float64)
-            return list(np.maximum(scores / 100.0 if scorer.scale == "x100-clamped" else scores, 0.0))
+            values = []
+            for image, prompt in zip(images, prompts, strict=True):
+                scorer.reset()
+                scorer.update([image], prompts=[prompt])
+                value = float(scorer.compute()["clip_score"])
+                values.append(max(value, 0.0) if cosine else value / 100.0)
+            return values
 
         return reward
     if callable(scorer):
         return scorer
-    raise DuobenchError("SneakyPrompt's CLIP scorer must be a ClipScore metric or a callable (images, prompts).")
+    raise DuobenchError(
+        "SneakyPrompt's CLIP scorer must be a CLIP-score metric preset (e.g. clip-vit-b32-cos) or a callable "
+        "(images, prompts) -> rewards."
+    )
 
 
 @dataclass
@@ -185,7 +196,9 @@ class SneakyPrompt:
         from duobench.registry import METRICS
 
         self.models = models
-        self.scorer = models.clip_scorer if models.clip_scorer is not None else METRICS.get("clip-vit-b32-cos")()
+        self.scorer = models.clip_scorer
+        if self.scorer is None:
+            self.scorer = METRICS.get(concept.metrics.get("clip_score", DEFAULT_SCORER))()
         self.reward_of = clip_reward_fn(self.scorer)
         self.dictionary = subword_dictionary(sd_clip_tokenizer(), self.config.len_subword)
         self.vocabulary = concept_words(concept)

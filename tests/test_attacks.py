@@ -27,6 +27,7 @@ from duobench.attacks.run import make_attack, read_attack_csv, run_attack, to_wo
 from duobench.attacks.sneakyprompt import SubwordPolicy, actor_critic_step, subword_dictionary
 from duobench.attacks.text_encoding import assemble_ids, encode_ids, prompt_ids, special_ids, tokenize_ids
 from duobench.attacks.unlearndiffatk import PrefixProblem, optimise_prefix, project_to_simplex
+from PIL import Image
 
 from duobench.concepts import load_concept
 from duobench.engine import generate
@@ -516,3 +517,28 @@ def test_sneakyprompt_keyword_mode_replaces_concept_words_within_its_query_limit
         for before, after in zip(original, attacked, strict=True):
             assert (after == before) != (before in {"nude", "naked"})
         assert result.log.extra["result"] == "successful_only_bypass"
+
+
+def test_sneakyprompt_reward_is_clamped_cosine_on_either_clip_score_scale():
+    import open_clip
+    from duobench.attacks.sneakyprompt import clip_reward_fn
+
+    from duobench.metrics.clip_score import CLIP_VIT_B32_COS, CLIP_VIT_L14_X100
+
+    torch.manual_seed(1)
+    model = open_clip.CLIP(
+        embed_dim=16,
+        vision_cfg=open_clip.CLIPVisionCfg(layers=1, width=32, head_width=16, patch_size=8, image_size=32),
+        text_cfg=open_clip.CLIPTextCfg(context_length=77, vocab_size=49408, width=32, heads=2, layers=1),
+    ).eval()
+    clip = (model, open_clip.image_transform(32, is_train=False), open_clip.get_tokenizer("ViT-B-32"))
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)) for _ in range(6)]
+    prompts = [f"a photo of thing {i}" for i in range(6)]
+    cosine_metric = CLIP_VIT_B32_COS(clip=clip, device="cpu")
+    cosine_metric.update(images, prompts=prompts)
+    cosines = np.array([row["clip_score"] for row in cosine_metric.audit_rows()])
+    assert (cosines < 0).any() and (cosines > 0).any()
+    for preset in (CLIP_VIT_B32_COS, CLIP_VIT_L14_X100):
+        rewards = clip_reward_fn(preset(clip=clip, device="cpu"))(images, prompts)
+        assert rewards == pytest.approx(list(np.maximum(cosines, 0)), abs=1e-5)
