@@ -139,7 +139,7 @@ def optimise_prefix(
     """``iterations`` Adam steps at one timestep, each on fresh noise and a fresh token draw; the losses."""
     losses = []
     for _ in range(iterations):
-        noise = torch.randn(problem.latents.shape, generator=generator).to(problem.latents.device)
+        noise = torch.randn(problem.latents.shape, generator=generator, device=generator.device)
         one_hot = _StraightThroughSample.apply(distribution, generator)
         loss = problem.loss(one_hot, timestep, noise)
         (gradient,) = torch.autograd.grad(loss, distribution)
