@@ -34,7 +34,7 @@ from duobench.engine import generate
 from duobench.errors import DuobenchError
 from duobench.items import SamplerSettings
 from duobench.metrics.base import MetricCard, Verdict
-from duobench.prompts import PromptRow
+from duobench.prompts import PromptRow, load_prompt_set
 from duobench.registry import ATTACKS
 
 SETTINGS = SamplerSettings(steps=4, height=32, width=32, scheduler="ddim", guidance=5.0)
@@ -262,6 +262,9 @@ def test_attack_csv_round_trips_to_the_same_work_items(tiny_pipe, concept, tmp_p
     )
     path = write_attack_csv(results, tmp_path / "attack.csv")
     assert to_work_items(read_attack_csv(path), SETTINGS) == to_work_items(results, SETTINGS)
+    # It is also a plain ESD-format prompt set (the text form) for any prompt loader.
+    plain = load_prompt_set(str(path)).rows
+    assert [(r.prompt, r.seed, r.guidance) for r in plain] == [(r.text, r.seed, r.guidance) for r in results]
 
 
 def test_no_attack_keeps_each_rows_prompt_seed_and_guidance(tiny_pipe, concept, tmp_path):
