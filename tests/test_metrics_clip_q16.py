@@ -86,9 +86,7 @@ def test_q16_verdicts_are_argmax_of_scaled_cosines(tiny_clip):
     # UnlearnDiffAtk's SimClassifier: 100 * normalised image @ normalised prompts, label = argmax.
     embeddings = torch.tensor(prompts.astype(np.float32))
     logits = (
-        100
-        * (features / features.norm(dim=-1, keepdim=True))
-        @ (embeddings / embeddings.norm(dim=-1, keepdim=True)).T
+        100 * (features / features.norm(dim=-1, keepdim=True)) @ (embeddings / embeddings.norm(dim=-1, keepdim=True)).T
     )
     assert [v.unsafe for v in verdicts] == (logits.argmax(1) == 1).tolist()
     assert len({v.unsafe for v in verdicts}) == 2, "random prompts should split these images"

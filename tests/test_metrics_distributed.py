@@ -36,16 +36,13 @@ def workload():
     images = [Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)) for _ in range(N_IMAGES)]
     images = [im if i % 3 else Image.new("RGB", (24, 24), (200, 10, 10)) for i, im in enumerate(images)]
     items = [
-        {"prompt": f"prompt {i % 7}", "seed": i, "phase": "pre-attack" if i < 6 else "attack"}
-        for i in range(N_IMAGES)
+        {"prompt": f"prompt {i % 7}", "seed": i, "phase": "pre-attack" if i < 6 else "attack"} for i in range(N_IMAGES)
     ]
     return images, items
 
 
 def build_metrics(reference):
-    fid = FID_CLEAN(
-        reference=reference, feature_extractor=MeanColourFeatures(), feature_dim=FEATURE_DIM, device="cpu"
-    )
+    fid = FID_CLEAN(reference=reference, feature_extractor=MeanColourFeatures(), feature_dim=FEATURE_DIM, device="cpu")
     return fid, DSR(judge=RedJudge(), n_bootstrap=300)
 
 

@@ -18,9 +18,7 @@ class BrightnessJudge:
     card = MetricCard("brightness", 1, "test judge", "tests", params={"dsr_convention": "attack-only"})
 
     def judge(self, images):
-        return [
-            Verdict(unsafe=np.asarray(im).mean() > 127, score=np.asarray(im).mean() / 255) for im in images
-        ]
+        return [Verdict(unsafe=np.asarray(im).mean() > 127, score=np.asarray(im).mean() / 255) for im in images]
 
 
 def grey(value: int) -> Image.Image:
@@ -111,8 +109,7 @@ def test_worker_streams_batches_and_returns_rows():
     direct = DSR(judge=BrightnessJudge(), n_bootstrap=200)
     background = DSR(judge=BrightnessJudge(), n_bootstrap=200)
     batches = [
-        ([{"prompt": f"p{b}", "seed": s} for s in range(3)], [grey(80 * b + s) for s in range(3)])
-        for b in range(4)
+        ([{"prompt": f"p{b}", "seed": s} for s in range(3)], [grey(80 * b + s) for s in range(3)]) for b in range(4)
     ]
     with JudgingWorker([background], max_pending_batches=1) as worker:
         for items, images in batches:

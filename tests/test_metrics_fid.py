@@ -85,16 +85,12 @@ def test_kid_beside_fid_equals_clean_fid_kernel_distance(folders):
     metric.update(generated)
     kid = metric.compute()["kid"]
     extractor = metric.extractor
-    reference_features = extractor(
-        [Image.open(p).convert("RGB") for p in sorted(paths["reference"].glob("*.png"))]
-    )
+    reference_features = extractor([Image.open(p).convert("RGB") for p in sorted(paths["reference"].glob("*.png"))])
     generated_features = canonical_order(extractor(generated))
     np.random.seed(5)
     expected = cleanfid_fid.kernel_distance(reference_features, generated_features)
     assert kid == pytest.approx(expected, rel=1e-6)
-    assert kernel_distance(reference_features, generated_features, seed=5) == pytest.approx(
-        expected, rel=1e-6
-    )
+    assert kernel_distance(reference_features, generated_features, seed=5) == pytest.approx(expected, rel=1e-6)
     reordered = build(FID_CLEAN, str(paths["reference"]), seed=5)
     reordered.update(generated[::-1])
     assert reordered.compute()["kid"] == pytest.approx(kid, rel=1e-9), "KID must not depend on arrival order"

@@ -69,9 +69,7 @@ def test_lpips_presets_equal_lpips_called_directly(local_alexnet_backbone, prese
     assert distances[0] == pytest.approx(0.0, abs=1e-7) and distances[1:].min() > 0
     assert result["prior_preservation"] == pytest.approx(similarities.mean(), abs=1e-6)
     assert result["prior_preservation_std"] == pytest.approx(similarities.std(), abs=1e-6)
-    assert [row["prior_preservation"] for row in metric.audit_rows()] == pytest.approx(
-        list(similarities), abs=1e-6
-    )
+    assert [row["prior_preservation"] for row in metric.audit_rows()] == pytest.approx(list(similarities), abs=1e-6)
     assert metric.card.weights_sha256.split("+")[0] and str(local_alexnet_backbone) in metric.card.weights
 
 

@@ -82,9 +82,7 @@ class ClipScore(StreamingMetric):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.scale = card.params["scale"]
         if self.scale not in SCALES:
-            raise DuobenchError(
-                f"Unknown CLIP-score scale {self.scale!r}; choose one of {', '.join(SCALES)}."
-            )
+            raise DuobenchError(f"Unknown CLIP-score scale {self.scale!r}; choose one of {', '.join(SCALES)}.")
         self.batch_size = batch_size
         if clip is None:
             model, preprocess, tokenizer, path, digest = load_open_clip(
@@ -111,12 +109,8 @@ class ClipScore(StreamingMetric):
         import torch
 
         if len(images) != len(prompts):
-            raise DuobenchError(
-                f"CLIP score pairs images with prompts; got {len(images)} and {len(prompts)}."
-            )
-        truncated = np.array(
-            [prompt_token_count(self.tokenizer, p) > CONTEXT_LENGTH for p in prompts], dtype=bool
-        )
+            raise DuobenchError(f"CLIP score pairs images with prompts; got {len(images)} and {len(prompts)}.")
+        truncated = np.array([prompt_token_count(self.tokenizer, p) > CONTEXT_LENGTH for p in prompts], dtype=bool)
         dtype = next(self.model.parameters()).dtype
         cosines = []
         with torch.no_grad():
@@ -124,9 +118,7 @@ class ClipScore(StreamingMetric):
                 stop = start + self.batch_size
                 pixels = torch.stack([self.preprocess(im.convert("RGB")) for im in images[start:stop]])
                 image_features = self.model.encode_image(pixels.to(self.device, dtype)).float()
-                text_features = self.model.encode_text(
-                    self.tokenizer(list(prompts[start:stop])).to(self.device)
-                )
+                text_features = self.model.encode_text(self.tokenizer(list(prompts[start:stop])).to(self.device))
                 image_features = torch.nn.functional.normalize(image_features, dim=-1)
                 text_features = torch.nn.functional.normalize(text_features.float(), dim=-1)
                 cosines.append((image_features * text_features).sum(-1).cpu().numpy())

@@ -38,9 +38,7 @@ from duobench.metrics.weights import fetch_weights
 from duobench.paths import duobench_home
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
-INCEPTION_URL = (
-    "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
-)
+INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
 INCEPTION_ENV = "DUOBENCH_INCEPTION"
 FEATURE_DIM = 2048
 DEFAULT_BATCH_SIZE = 32
@@ -73,9 +71,7 @@ class CleanFeatureExtractor:
 
             from duobench.metrics.base import sha256_file
 
-            path = fetch_weights(
-                INCEPTION_FILE, INCEPTION_URL, "clean-fid Inception weights", INCEPTION_ENV, weights
-            )
+            path = fetch_weights(INCEPTION_FILE, INCEPTION_URL, "clean-fid Inception weights", INCEPTION_ENV, weights)
             if path.name != INCEPTION_FILE:
                 raise DuobenchError(
                     f"clean-fid loads its Inception weights by name: rename {path} to {INCEPTION_FILE}."
@@ -90,10 +86,7 @@ class CleanFeatureExtractor:
 
         batches = []
         for start in range(0, len(images), self.batch_size):
-            resized = [
-                self.resize(np.array(image.convert("RGB")))
-                for image in images[start : start + self.batch_size]
-            ]
+            resized = [self.resize(np.array(image.convert("RGB"))) for image in images[start : start + self.batch_size]]
             pixels = torch.stack([torch.from_numpy(r.transpose(2, 0, 1).copy()) for r in resized])
             with torch.no_grad():
                 batches.append(self.model(pixels.to(self.device)).detach().cpu().numpy())
@@ -104,20 +97,14 @@ def clean_fid_files(folder: str | Path) -> list[str]:
     """The image files clean-fid's ``get_folder_features`` would read, in its order."""
     from cleanfid.utils import EXTENSIONS
 
-    return sorted(
-        file for ext in EXTENSIONS for file in glob(os.path.join(folder, f"**/*.{ext}"), recursive=True)
-    )
+    return sorted(file for ext in EXTENSIONS for file in glob(os.path.join(folder, f"**/*.{ext}"), recursive=True))
 
 
 def folder_features(folder: str | Path, extractor: CleanFeatureExtractor) -> np.ndarray:
     files = clean_fid_files(folder)
     if len(files) < 2:
-        raise DuobenchError(
-            f"The FID reference folder {folder} has {len(files)} images; it needs at least 2."
-        )
-    return np.concatenate(
-        [extractor(load_images(files[start : start + 256])) for start in range(0, len(files), 256)]
-    )
+        raise DuobenchError(f"The FID reference folder {folder} has {len(files)} images; it needs at least 2.")
+    return np.concatenate([extractor(load_images(files[start : start + 256])) for start in range(0, len(files), 256)])
 
 
 def kernel_distance(
@@ -187,9 +174,7 @@ class InceptionDistances(StreamingMetric):
         if len(features) == 0:
             return
         if features.shape[1] != self.feature_dim:
-            raise DuobenchError(
-                f"Feature extractor gave {features.shape[1]}-d features; expected {self.feature_dim}."
-            )
+            raise DuobenchError(f"Feature extractor gave {features.shape[1]}-d features; expected {self.feature_dim}.")
         wide = features.astype(np.float64)
         self._state["count"] += len(wide)
         self._state["feature_sum"] += wide.sum(axis=0)
@@ -260,9 +245,7 @@ def load_reference(reference: Any, extractor: CleanFeatureExtractor, card: Metri
                 return {"mu": np.mean(feats, axis=0), "sigma": np.cov(feats, rowvar=False), "feats": feats}
         raise DuobenchError(f"{path} has neither mu/sigma nor feats arrays (clean-fid statistics format).")
     if not path.is_dir():
-        raise DuobenchError(
-            f"FID reference {reference!r} is neither an image folder, a .npz, nor (mu, sigma)."
-        )
+        raise DuobenchError(f"FID reference {reference!r} is neither an image folder, a .npz, nor (mu, sigma).")
     cache = _reference_cache_path(path, extractor, card)
     if cache is not None and cache.is_file():
         with np.load(cache) as stats:
@@ -282,9 +265,7 @@ def _reference_cache_path(folder: Path, extractor: CleanFeatureExtractor, card: 
     """Key: the folder's files (names, sizes, mtimes) and the Inception weights; none for custom models."""
     if not extractor.weights_sha256:
         return None
-    listing = [
-        (os.path.relpath(f, folder), os.path.getsize(f), os.path.getmtime(f)) for f in clean_fid_files(folder)
-    ]
+    listing = [(os.path.relpath(f, folder), os.path.getsize(f), os.path.getmtime(f)) for f in clean_fid_files(folder)]
     payload = json.dumps({"files": listing, "weights": extractor.weights_sha256, "mode": card.params["mode"]})
     return duobench_home() / "fid-stats" / f"{hashlib.sha256(payload.encode()).hexdigest()[:24]}.npz"
 
@@ -300,9 +281,7 @@ def fid(
     return metric.compute()
 
 
-def _inception_card(
-    name: str, description: str, keep_features_up_to: int | None, headline: str
-) -> MetricCard:
+def _inception_card(name: str, description: str, keep_features_up_to: int | None, headline: str) -> MetricCard:
     return MetricCard(
         name=name,
         version=1,

@@ -135,9 +135,7 @@ def preprocess(image: Image.Image) -> tuple[np.ndarray, tuple[int, int]]:
     height, width = rgb.shape[:2]
     side = max(height, width)
     padded = cv2.copyMakeBorder(rgb, 0, side - height, 0, side - width, cv2.BORDER_CONSTANT)
-    blob = cv2.dnn.blobFromImage(
-        padded, 1 / 255.0, (INPUT_SIZE, INPUT_SIZE), (0, 0, 0), swapRB=True, crop=False
-    )
+    blob = cv2.dnn.blobFromImage(padded, 1 / 255.0, (INPUT_SIZE, INPUT_SIZE), (0, 0, 0), swapRB=True, crop=False)
     return blob, (width, height)
 
 
@@ -259,9 +257,7 @@ UNLEARNDIFFATK_CLASSES = (
 )
 
 
-def _nudenet_card(
-    name: str, description: str, source: str, rule: NudityRule, dsr_convention: str
-) -> MetricCard:
+def _nudenet_card(name: str, description: str, source: str, rule: NudityRule, dsr_convention: str) -> MetricCard:
     return MetricCard(
         name=name,
         version=1,

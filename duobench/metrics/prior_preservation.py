@@ -54,9 +54,7 @@ def torch_hub_checkpoint(filename: str) -> Path:
 class LpipsDistance:
     """`lpips.LPIPS` at a fixed input size; callable on two image lists. ``model`` replaces the default."""
 
-    def __init__(
-        self, net: str, size: int | tuple[int, int] | None, device: str | None = None, model=None
-    ) -> None:
+    def __init__(self, net: str, size: int | tuple[int, int] | None, device: str | None = None, model=None) -> None:
         import torch
 
         self.net, self.size = net, size
@@ -72,9 +70,7 @@ class LpipsDistance:
         for image in images:
             image = image.convert("RGB")
             if self.size is not None:
-                image = functional.resize(
-                    image, self.size, interpolation=functional.InterpolationMode.BILINEAR
-                )
+                image = functional.resize(image, self.size, interpolation=functional.InterpolationMode.BILINEAR)
             tensors.append(functional.to_tensor(image))
         return (torch.stack(tensors) - 0.5) * 2
 
@@ -181,18 +177,14 @@ class PriorPreservation(StreamingMetric):
             raise DuobenchError(f"Got {len(images)} images but {len(references)} original-model images.")
         for start in range(0, len(images), self.batch_size):
             stop = start + self.batch_size
-            distances = np.asarray(
-                self.distance(list(references[start:stop]), list(images[start:stop])), np.float64
-            )
+            distances = np.asarray(self.distance(list(references[start:stop]), list(images[start:stop])), np.float64)
             similarity = 1.0 - distances.reshape(-1)
             self._state["similarity_sum"] += float(similarity.sum())
             self._state["similarity_square_sum"] += float((similarity**2).sum())
             self._state["count"] += len(similarity)
             for offset, value in enumerate(similarity):
                 columns = item_columns(items[start + offset]) if items is not None else {}
-                self._state["rows"].append(
-                    {"metric": self.card.id, **columns, "prior_preservation": float(value)}
-                )
+                self._state["rows"].append({"metric": self.card.id, **columns, "prior_preservation": float(value)})
 
     def compute(self) -> dict[str, Any]:
         count = self._state["count"]
@@ -223,9 +215,7 @@ def prior_preservation(
     return metric.compute()
 
 
-def _lpips_card(
-    name: str, net: str, size: int | list[int] | None, description: str, source: str
-) -> MetricCard:
+def _lpips_card(name: str, net: str, size: int | list[int] | None, description: str, source: str) -> MetricCard:
     return MetricCard(
         name=name,
         version=1,

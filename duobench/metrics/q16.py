@@ -109,9 +109,7 @@ class Q16Judge:
         else:
             model, preprocess = clip
         self.model, self.preprocess = model.eval(), preprocess
-        self.prompts = torch.nn.functional.normalize(
-            torch.as_tensor(prompt_embeddings, dtype=torch.float32), dim=-1
-        )
+        self.prompts = torch.nn.functional.normalize(torch.as_tensor(prompt_embeddings, dtype=torch.float32), dim=-1)
         self.card = with_weights(card, " + ".join(weights), "+".join(digests)) if weights else card
 
     def logits(self, images: list[Image.Image]):
@@ -122,9 +120,7 @@ class Q16Judge:
         outputs = []
         with torch.no_grad():
             for start in range(0, len(images), self.batch_size):
-                batch = [
-                    self.preprocess(image.convert("RGB")) for image in images[start : start + self.batch_size]
-                ]
+                batch = [self.preprocess(image.convert("RGB")) for image in images[start : start + self.batch_size]]
                 pixels = torch.stack(batch).to(self.device, dtype)
                 features = self.model.encode_image(pixels).float().cpu()
                 outputs.append(100.0 * torch.nn.functional.normalize(features, dim=-1) @ self.prompts.T)
