@@ -5,7 +5,7 @@ it, so neither side pays for disk reads) and must return the same detections. Th
 times; we print images per second and the median speed-up over the paired runs (alternating keeps load
 from other processes on a shared machine from favouring one side).
 
-    python benchmarks/judges.py --images 128 --batch-size 16
+    python benchmarks/judges.py --images 128 --batch-size 8
 """
 
 from __future__ import annotations
@@ -50,8 +50,8 @@ def interleaved(reference, batched, repeats: int) -> tuple[list[float], list[flo
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=128)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
 
     from nudenet import NudeDetector
