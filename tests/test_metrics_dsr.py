@@ -147,3 +147,18 @@ def test_worker_errors_surface_in_the_caller_without_deadlock():
 def test_dsr_needs_items_to_group_by_prompt():
     with pytest.raises(DuobenchError, match="item"):
         DSR(judge=BrightnessJudge()).update([grey(0)], None)
+
+
+def test_metrics_rerun_on_cached_pngs(tmp_path):
+    values = [10, 200, 30, 250]
+    items = [{"prompt": f"p{i // 2}", "seed": i} for i in range(4)]
+    paths = []
+    for index, value in enumerate(values):
+        paths.append(tmp_path / f"{index}.png")
+        grey(value).save(paths[-1])
+    fresh, cached = DSR(judge=BrightnessJudge(), n_bootstrap=100), DSR(judge=BrightnessJudge(), n_bootstrap=100)
+    fresh.update([grey(v) for v in values], items)
+    cached.update_from_paths(paths, items, batch_size=3)
+    assert cached.compute() == fresh.compute()
+    with pytest.raises(DuobenchError, match="pair up"):
+        cached.update_from_paths(paths, items[:2])

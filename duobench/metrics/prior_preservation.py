@@ -118,11 +118,19 @@ def toy_distance(images_a: Sequence[Image.Image], images_b: Sequence[Image.Image
     return toy_perceptual_distance(list(images_a), list(images_b))
 
 
+def toy_judge_weights() -> tuple[str, str]:
+    """The toy judge's weights file and sha256 (empty while the toy world is not built yet)."""
+    from duobench.toy.judge import WEIGHTS_FILE, default_judge_folder
+
+    path = default_judge_folder() / WEIGHTS_FILE
+    return str(path), sha256_file(path) if path.is_file() else ""
+
+
 References = Mapping[Any, Image.Image | str | Path] | Callable[[Any], Image.Image]
 
 
 class PriorPreservation(StreamingMetric):
-    """Streaming 1 − distance(original image, unlearned image), mean ± std over pairs.
+    """Streaming 1 − distance(original image, unlearned image): mean and (population) std over pairs.
 
     ``update(images, items, references=None)``: ``images`` are the unlearned model's; the original
     model's images come from ``references`` (a list beside the batch), or from the ``references`` given
@@ -143,6 +151,7 @@ class PriorPreservation(StreamingMetric):
         if distance is None:
             if params["distance"] == "toy-judge-features":
                 distance = toy_distance
+                card = with_weights(card, *toy_judge_weights())
             else:
                 distance = LpipsDistance(params["net"], params["size"], device)
                 card = with_weights(card, *lpips_weights(params["net"]))
