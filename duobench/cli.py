@@ -45,6 +45,14 @@ def list_registries(
         if name == "concepts":
             for concept in builtin_concepts():
                 table.add_row(concept, "")
+        elif name == "metrics":
+            table.add_column("card")
+            table.add_column("kind")
+            registry = ALL_REGISTRIES[name]
+            for entry in registry.names():
+                preset = registry.get(entry)
+                card = getattr(preset, "card", None)
+                table.add_row(entry, registry.describe(entry), card.id if card else "", getattr(preset, "kind", ""))
         else:
             registry = ALL_REGISTRIES[name]
             for entry in registry.names():
