@@ -48,9 +48,7 @@ def apply_unet_delta(pipe, artifact_dir: Path, strength: float) -> None:
     delta = load_file(str(path))
     state = pipe.unet.state_dict(keep_vars=True)
     mismatched = [
-        name
-        for name, value in delta.items()
-        if name not in state or tuple(state[name].shape) != tuple(value.shape)
+        name for name, value in delta.items() if name not in state or tuple(state[name].shape) != tuple(value.shape)
     ]
     if mismatched:
         raise DuobenchError(
