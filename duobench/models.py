@@ -219,6 +219,7 @@ def tiny_random_pipeline(
         feature_extractor=None,
         requires_safety_checker=False,
     )
+    pipe.set_progress_bar_config(disable=True)
     pipe.to(device=device)
     return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
 
