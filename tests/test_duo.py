@@ -69,6 +69,16 @@ class RedJudge:
         return [Verdict(unsafe=self.redness(im) > self.threshold, score=self.redness(im)) for im in images]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The tiny model's ops are too small to split: a second thread gains nothing, and when the other core
+    is busy every op waits for it at OpenMP's barrier (measured 10-100x slower on the shared 2-core box)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture()
 def pipe(tiny_pipe):
     """A private copy: training attaches and removes adapters, so the shared pipeline is never touched."""
