@@ -5,7 +5,10 @@ on what the images show. One optimiser step is ``pairs_per_step`` pairs (4, as t
 micro-batch runs the LoRA model and the reference on 3 × micro-batch inputs (x⁻_t, x⁺_t', pure noise). The
 first step is excluded from the rate (warm-up).
 
-    python benchmarks/duo_train.py [--models tiny-random toy] [--steps 10] [--micro-batch-pairs 1 4]
+    python benchmarks/duo_train.py [--models tiny-random toy] [--steps 10] [--micro-batch-pairs 1 4] [--threads 1]
+
+On a shared CPU, small models run far faster on one thread: with two, every op waits at OpenMP's barrier
+for the thread whose core another process holds.
 """
 
 from __future__ import annotations
@@ -64,7 +67,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--pairs", type=int, default=8)
     parser.add_argument("--micro-batch-pairs", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     print(f"torch threads: {torch.get_num_threads()}; pairs_per_step 4 (the official effective batch)")
     print(f"{'model':<12} {'res':>4} {'micro':>5} {'accum':>5} {'s/step':>8} {'steps/s':>8} {'peak MB':>8}")
