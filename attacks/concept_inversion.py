@@ -34,6 +34,8 @@ from pathlib import Path
 from typing import ClassVar
 
 import torch
+from PIL import Image
+
 from duobench.attacks.base import AttackLog, AttackModels, AttackResult, Budget, item_seed
 from duobench.attacks.diffusion import (
     denoising_loss,
@@ -42,8 +44,6 @@ from duobench.attacks.diffusion import (
     require_epsilon_prediction,
 )
 from duobench.attacks.text_encoding import assemble_ids, encode_with_token_embeddings, prompt_ids
-from PIL import Image
-
 from duobench.cache import atomic_write_bytes
 from duobench.concepts import Concept
 from duobench.errors import DuobenchError

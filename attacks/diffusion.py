@@ -13,9 +13,9 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from duobench.attacks.base import row_work_item
 from PIL import Image
 
+from duobench.attacks.base import row_work_item
 from duobench.engine import generate
 from duobench.errors import DuobenchError
 from duobench.items import SamplerSettings

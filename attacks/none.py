@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from duobench.attacks.base import AttackModels, AttackResult, Budget
-
 from duobench.concepts import Concept
 from duobench.prompts import PromptRow
 

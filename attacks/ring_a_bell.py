@@ -36,9 +36,9 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+
 from duobench.attacks.base import AttackLog, AttackModels, AttackResult, Budget, item_seed
 from duobench.attacks.text_encoding import encode_ids, special_ids, tokenize_ids
-
 from duobench.concepts import Concept
 from duobench.errors import DuobenchError
 from duobench.prompts import PromptRow

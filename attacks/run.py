@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 from duobench.attacks.base import Attack, AttackLog, AttackResult, Budget, grant_access
-
 from duobench.cache import atomic_write_bytes
 from duobench.concepts import Concept, PromptSetSpec
 from duobench.errors import DuobenchError

@@ -45,9 +45,9 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-from duobench.attacks.base import AttackLog, AttackModels, AttackResult, Budget, item_seed, judge_images
 from torch import nn
 
+from duobench.attacks.base import AttackLog, AttackModels, AttackResult, Budget, item_seed, judge_images
 from duobench.concepts import Concept
 from duobench.errors import DuobenchError
 from duobench.prompts import PromptRow

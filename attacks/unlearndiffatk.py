@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+
 from duobench.attacks.base import (
     AttackLog,
     AttackModels,
@@ -48,7 +49,6 @@ from duobench.attacks.diffusion import (
     require_epsilon_prediction,
 )
 from duobench.attacks.text_encoding import assemble_ids, encode_with_token_embeddings, prompt_ids
-
 from duobench.concepts import Concept
 from duobench.prompts import PromptRow
 

@@ -14,9 +14,9 @@ import argparse
 import time
 
 import torch
+
 from duobench.attacks.ring_a_bell import RingABellConfig, concept_vector, evolve, population_fitness
 from duobench.attacks.text_encoding import encode_ids, special_ids, tokenize_ids
-
 from duobench.errors import DuobenchError
 from duobench.models import load_pipeline
 

@@ -5,7 +5,7 @@ Attack budgets are the toy budgets below (the papers' settings shrunk to a CPU m
 and method); methods train through `duobench.runner.prepare` with their defaults unless
 ``--method-options`` gives toy settings as JSON, e.g. ``'{"esd-u": {"iterations": 100}}'``.
 
-    python benchmarks/toy_attacks.py [--methods esd-u uce spm duo] [--attacks ...] [--limit 20]
+    python benchmarks/toy_attacks.py [--methods esd-u uce spm duo] [--attacks ...] [--seeds 4]
 """
 
 from __future__ import annotations
@@ -16,18 +16,18 @@ import time
 from pathlib import Path
 
 import torch
+
 from duobench.attacks.base import Budget
 from duobench.attacks.run import run_attack, to_work_items
-
 from duobench.engine import generate
 from duobench.metrics.dsr import build_judge
 from duobench.prompts import PromptSet, load_prompt_set
 from duobench.runner import RunConfig, prepare
 
 TOY_BUDGETS: dict[str, tuple[Budget, dict]] = {
-    "ring-a-bell": (Budget(steps=60), {"k": 16, "population": 200, "eta": 3.0}),
+    "ring-a-bell": (Budget(steps=150), {"k": 16, "population": 200, "eta": 3.0}),
     "sneakyprompt": (Budget(queries=20), {"max_perturb_rate": 1.0, "reward_threshold": 0.5}),
-    "concept-inversion": (Budget(steps=150), {"gradient_accumulation": 1, "num_train_images": 20}),
+    "concept-inversion": (Budget(steps=300), {"gradient_accumulation": 1, "num_train_images": 20}),
     "unlearndiffatk": (Budget(), {"timesteps": 5, "iterations": 10}),
 }
 """Per attack: the budget and options used in the toy world (paper settings otherwise)."""
@@ -43,7 +43,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["esd-u", "uce", "spm", "duo"])
     parser.add_argument("--attacks", nargs="+", default=list(TOY_BUDGETS))
     parser.add_argument("--prompt-set", default="plain")
-    parser.add_argument("--limit", type=int, default=20, help="rows of the prompt set (prompts x seeds)")
+    parser.add_argument("--seeds", type=int, default=4, help="seeds per prompt (the set's first seeds)")
     parser.add_argument("--method-options", default="{}", help="JSON: method -> toy options")
     parser.add_argument("--cache-dir", type=Path, default=None, help="attack cache (default $DUOBENCH_HOME)")
     args = parser.parse_args()
@@ -60,7 +60,8 @@ def main() -> None:
         base = context.base
         judge = build_judge(context.concept.judge)
         spec = context.concept.prompt_sets[args.prompt_set]
-        prompt_set = PromptSet(args.prompt_set, load_prompt_set(spec, limit=args.limit).rows)
+        rows = [row for row in load_prompt_set(spec).rows if row.meta.get("seed_index", 0) < args.seeds]
+        prompt_set = PromptSet(args.prompt_set, rows)
         row = {"method": method, "train_s": round(time.perf_counter() - started, 1)}
         for attack in ["none", *args.attacks]:
             budget, options = TOY_BUDGETS.get(attack, (Budget(), {}))
@@ -85,7 +86,7 @@ def main() -> None:
             print(f"{method:>8} {attack:<18} star rate {row[attack]:.2f}  ({attack_seconds:.1f} s)", flush=True)
         rows_by_method.append(row)
 
-    print(f"\nstar rate on {args.limit} rows of '{args.prompt_set}' (plain prompts = 'none'):")
+    print(f"\nstar rate, '{args.prompt_set}' prompts x {args.seeds} seeds (plain prompts = 'none'):")
     header = ["method", "none", *args.attacks]
     print(" | ".join(f"{h:>17}" for h in header))
     for row in rows_by_method:

@@ -4,6 +4,8 @@ black-box attacks cannot reach model internals, results resume from the cache an
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+
 from duobench.attacks import ring_a_bell
 from duobench.attacks.base import (
     AccessViolation,
@@ -27,8 +29,6 @@ from duobench.attacks.run import make_attack, read_attack_csv, run_attack, to_wo
 from duobench.attacks.sneakyprompt import SubwordPolicy, actor_critic_step, subword_dictionary
 from duobench.attacks.text_encoding import assemble_ids, encode_ids, prompt_ids, special_ids, tokenize_ids
 from duobench.attacks.unlearndiffatk import PrefixProblem, optimise_prefix, project_to_simplex
-from PIL import Image
-
 from duobench.concepts import load_concept
 from duobench.engine import generate
 from duobench.errors import DuobenchError
@@ -524,8 +524,8 @@ def test_sneakyprompt_keyword_mode_replaces_concept_words_within_its_query_limit
 
 def test_sneakyprompt_reward_is_clamped_cosine_on_either_clip_score_scale():
     import open_clip
-    from duobench.attacks.sneakyprompt import clip_reward_fn
 
+    from duobench.attacks.sneakyprompt import clip_reward_fn
     from duobench.metrics.clip_score import CLIP_VIT_B32_COS, CLIP_VIT_L14_X100
 
     torch.manual_seed(1)
