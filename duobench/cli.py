@@ -64,9 +64,7 @@ def list_registries(
 def generate(
     prompts: str = typer.Option(..., help="Prompt file (.csv/.txt/.parquet) or hf:<dataset id>."),
     out: Path = typer.Option(..., help="Run folder: manifest.jsonl goes here."),
-    model: str = typer.Option(
-        "CompVis/stable-diffusion-v1-4", help="Registered name, HF id, folder or file."
-    ),
+    model: str = typer.Option("CompVis/stable-diffusion-v1-4", help="Registered name, HF id, folder or file."),
     batch_size: str = typer.Option("8", help="Images per sampler call, or 'auto'."),
     limit: int | None = typer.Option(None, help="Only the first N prompts."),
     filter: str = typer.Option("", help="pandas query on the prompt table, e.g. 'nudity_percentage > 50'."),
@@ -74,9 +72,7 @@ def generate(
     steps: int | None = typer.Option(None, help="Sampler steps (default: the model's)."),
     guidance: float | None = typer.Option(None, help="Override every row's guidance scale."),
     scheduler: str | None = typer.Option(None, help="pndm, ddim, lms, euler or dpm++."),
-    use_row_resolution: bool = typer.Option(
-        False, help="Use each row's width/height instead of native size."
-    ),
+    use_row_resolution: bool = typer.Option(False, help="Use each row's width/height instead of native size."),
     cache_dir: Path | None = typer.Option(None, help="Image store (default $DUOBENCH_HOME/images)."),
     device: str | None = typer.Option(None, help="cuda, cpu, ... (default: cuda when available)."),
 ) -> None:
@@ -91,9 +87,7 @@ def generate(
 
     info = init_distributed()
     spec = PromptSetSpec(source=prompts, filter=filter, seeds_per_prompt=seeds_per_prompt)
-    prompt_set = load_prompt_set(
-        spec, guidance_override=guidance, use_row_resolution=use_row_resolution, limit=limit
-    )
+    prompt_set = load_prompt_set(spec, guidance_override=guidance, use_row_resolution=use_row_resolution, limit=limit)
     pipe = load_pipeline(model, device=device or (rank_device(info) if info.world_size > 1 else None))
     settings = default_sampler_settings(pipe)
     overrides = {k: v for k, v in {"steps": steps, "scheduler": scheduler}.items() if v is not None}
@@ -140,9 +134,7 @@ def extra_flag_options(args: list[str]) -> dict:
     while index < len(args):
         flag = args[index]
         if not flag.startswith("--") or index + 1 >= len(args):
-            raise DuobenchError(
-                f"Cannot read the method option {flag!r}; write method options as --name value."
-            )
+            raise DuobenchError(f"Cannot read the method option {flag!r}; write method options as --name value.")
         pairs.append(f"{flag[2:]}={args[index + 1]}")
         index += 2
     return parse_options(pairs)
@@ -183,9 +175,7 @@ def run(
     concept: str | None = typer.Option(None, help="Concept name or YAML file (default nudity)."),
     model: str | None = typer.Option(None, help="Model: registered name, HF id, folder or file."),
     strength: float | None = typer.Option(None, help="Method strength in [0, 1] (default 1)."),
-    sweep: list[str] | None = typer.Option(
-        None, help="Curve: e.g. strength=0,0.25,0.5,0.75,1 or beta=250,500."
-    ),
+    sweep: list[str] | None = typer.Option(None, help="Curve: e.g. strength=0,0.25,0.5,0.75,1 or beta=250,500."),
     method_opt: list[str] | None = typer.Option(None, help="Method option key=value (repeatable)."),
     attack_opt: list[str] | None = typer.Option(None, help="Attack option key=value (repeatable)."),
     prompt_set: str | None = typer.Option(None, help="Which of the concept's prompt sets."),
@@ -193,9 +183,7 @@ def run(
     benign_limit: int | None = typer.Option(None, help="Only the first N benign prompts."),
     attack_steps: int | None = typer.Option(None, help="Attack budget: optimisation steps."),
     attack_queries: int | None = typer.Option(None, help="Attack budget: black-box queries."),
-    fid_reference: str | None = typer.Option(
-        None, help="FID reference folder or .npz (default: base model)."
-    ),
+    fid_reference: str | None = typer.Option(None, help="FID reference folder or .npz (default: base model)."),
     batch_size: str | None = typer.Option(None, help="Generation batch size or 'auto'."),
     device: str | None = typer.Option(None, help="cuda, cpu, ..."),
     out: Path | None = typer.Option(None, help="Output folder (default runs/latest)."),
@@ -232,9 +220,7 @@ def run(
 
         summary = run_once(run_config)
         print_summary([summary])
-        console.print(
-            f"results in {run_config.out}/ (summary.json, summary.csv, audit.parquet, contact_sheet.png)"
-        )
+        console.print(f"results in {run_config.out}/ (summary.json, summary.csv, audit.parquet, contact_sheet.png)")
         return
     from duobench.curves import parse_sweep, write_curve
     from duobench.curves import sweep as run_sweep
@@ -258,9 +244,7 @@ def run(
 @app.command()
 def leaderboard(
     concept: str | None = typer.Option(None, help="Concept name or YAML file."),
-    methods: str = typer.Option(
-        "none,duo,esd-u,uce,spm", help="Comma-separated methods ('none' = base model)."
-    ),
+    methods: str = typer.Option("none,duo,esd-u,uce,spm", help="Comma-separated methods ('none' = base model)."),
     attacks: str = typer.Option("none,ring-a-bell", help="Comma-separated attacks."),
     model: str | None = typer.Option(None, help="Model: registered name, HF id, folder or file."),
     limit: int | None = typer.Option(None, help="Only the first N prompts (x seeds)."),
@@ -285,11 +269,7 @@ def leaderboard(
                 ("provenance: " + "; ".join(verdict["problems"]))
                 if verdict["problems"]
                 else (
-                    (
-                        "recomputed: match"
-                        if verdict["matches"]
-                        else f"recomputed: MISMATCH {verdict['differences']}"
-                    )
+                    ("recomputed: match" if verdict["matches"] else f"recomputed: MISMATCH {verdict['differences']}")
                     if verdict["recomputed"]
                     else verdict.get("note", "provenance ok")
                 )
@@ -363,9 +343,10 @@ def train(
     from duobench.concepts import load_concept
     from duobench.methods import train_or_load
     from duobench.models import load_pipeline, pipeline_fingerprint
+    from duobench.runner import method_options
 
-    options = extra_flag_options(list(ctx.args))
     concept_data = load_concept(concept)
+    options = method_options(concept_data, method, extra_flag_options(list(ctx.args)))
     pipe = load_pipeline(model, device=device)
     artifact, config, trained = train_or_load(method, pipe, concept_data, pipeline_fingerprint(pipe), options)
     console.print(f"{'trained' if trained else 'already trained'}: {artifact} ({config})")
@@ -423,9 +404,7 @@ def validate(
     present) before hours of GPU time are spent."""
     from duobench.validate import validate_run
 
-    run_config, _ = resolve_run_config(
-        config, {"method": method, "attack": attack, "concept": concept, "model": model}
-    )
+    run_config, _ = resolve_run_config(config, {"method": method, "attack": attack, "concept": concept, "model": model})
     checks = validate_run(run_config)
     table = Table(title="duobench validate")
     for column in ("check", "status", "detail"):

@@ -99,9 +99,7 @@ def write_curve(points: list[dict[str, Any]], csv_path: Path, png_path: Path, ti
         for method, group in frame[frame["attack"] == attack].groupby("method", sort=False):
             group = group.sort_values("prior_preservation")
             errors = [group["dsr"] - group["dsr_ci_low"], group["dsr_ci_high"] - group["dsr"]]
-            axis.errorbar(
-                group["prior_preservation"], group["dsr"], yerr=errors, marker="o", capsize=3, label=method
-            )
+            axis.errorbar(group["prior_preservation"], group["dsr"], yerr=errors, marker="o", capsize=3, label=method)
             for _, point in group.iterrows():
                 axis.annotate(
                     f"{point['value']:g}",

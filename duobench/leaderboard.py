@@ -17,7 +17,7 @@ from typing import Any
 from duobench.cache import atomic_write_bytes
 from duobench.errors import DuobenchError
 from duobench.report import SUMMARY_COLUMNS, flat_row
-from duobench.runner import RunConfig, run
+from duobench.runner import RunConfig, method_options, run
 from duobench.stages import StageCache
 
 LEADERBOARD_COLUMNS = (*SUMMARY_COLUMNS, "run_config")
@@ -96,9 +96,7 @@ def markdown(frame) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for _, row in frame.iterrows():
-        cards = ", ".join(
-            str(row[f"card_{name}"]) for name in ("judge", "prior_preservation", "fid", "clip_score")
-        )
+        cards = ", ".join(str(row[f"card_{name}"]) for name in ("judge", "prior_preservation", "fid", "clip_score"))
         lines.append(
             f"| {row['method']} | {row['attack']} | {row['dsr']:.3f} [{row['dsr_ci_low']:.3f}, "
             f"{row['dsr_ci_high']:.3f}] | {_fmt(row['dsr_pre_attack'])} | {_fmt(row['prior_preservation'])} | "
@@ -157,9 +155,7 @@ def check_leaderboard(
     frame = pd.read_csv(csv_path)
     missing = [column for column in LEADERBOARD_COLUMNS if column not in frame.columns]
     if missing:
-        raise DuobenchError(
-            f"{csv_path} lacks the columns {', '.join(missing)}; it is not a duobench leaderboard."
-        )
+        raise DuobenchError(f"{csv_path} lacks the columns {', '.join(missing)}; it is not a duobench leaderboard.")
     verdicts = []
     for _, series in frame.iterrows():
         row = series.to_dict()
@@ -219,9 +215,8 @@ def _artifact_present(config: RunConfig) -> bool:
 
     spec = METHODS.get(config.method)
     concept = load_concept(config.concept)
-    method_config = make_config(spec, config.method_options)
+    method_config = make_config(spec, method_options(concept, config.method, config.method_options))
     fingerprint = pipeline_fingerprint(load_pipeline(config.model, device=config.device))
     return (
-        artifact_dir(config.method, config_key(config.method, method_config, concept, fingerprint))
-        / CARD_NAME
+        artifact_dir(config.method, config_key(config.method, method_config, concept, fingerprint)) / CARD_NAME
     ).exists()

@@ -79,9 +79,7 @@ def write_audit(rows: list[dict[str, Any]], path: Path) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def contact_sheet(
-    columns: list[tuple[str, list[Image.Image]]], captions: list[str], cell: int = 128
-) -> Image.Image:
+def contact_sheet(columns: list[tuple[str, list[Image.Image]]], captions: list[str], cell: int = 128) -> Image.Image:
     """A grid: one row per sampled prompt, one column per model/attack, same seed across a row."""
     label_height, caption_width = 18, 220
     rows = len(captions)
@@ -125,9 +123,7 @@ def write_run_outputs(
     import yaml
 
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(
-        out / "summary.json", json.dumps(summary, indent=2, sort_keys=True, default=str).encode()
-    )
+    atomic_write_bytes(out / "summary.json", json.dumps(summary, indent=2, sort_keys=True, default=str).encode())
     write_csv([flat_row(summary)], out / "summary.csv")
     write_audit(audit_rows, out / "audit.parquet")
     atomic_write_bytes(out / "config.yaml", yaml.safe_dump(asdict(config), sort_keys=True).encode())

@@ -89,6 +89,15 @@ def metric_presets(concept: Concept, config: RunConfig) -> dict[str, str]:
     return {**METRIC_DEFAULTS, **concept.metrics, **config.metrics}
 
 
+def method_options(concept: Concept, method: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The concept's defaults for this method (sized for its model family) under the user's options."""
+    return {**concept.method_options.get(method, {}), **overrides}
+
+
+def attack_options(concept: Concept, attack: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    return {**concept.attack_options.get(attack, {}), **overrides}
+
+
 def prepare(config: RunConfig, stages: StageCache | None = None, base=None) -> RunContext:
     """Load the concept and the models, and train or load the method's artifact (stage 1)."""
     from duobench.methods import read_card, train_or_load
@@ -113,7 +122,7 @@ def prepare(config: RunConfig, stages: StageCache | None = None, base=None) -> R
     if config.method == "none":
         return context
     artifact, method_config, _ = train_or_load(
-        config.method, base, concept, base_fingerprint, config.method_options
+        config.method, base, concept, base_fingerprint, method_options(concept, config.method, config.method_options)
     )
     target = load_pipeline(config.model, device=config.device)
     METHODS.get(config.method).apply(target, artifact, config.strength)
@@ -160,6 +169,7 @@ def attacked_items(context: RunContext) -> tuple[list[WorkItem], list[WorkItem],
             {"attack": "none"},
         )
     budget = Budget(steps=config.attack_steps, queries=config.attack_queries)
+    options = attack_options(concept, config.attack, config.attack_options)
     results = run_attack(
         config.attack,
         concept,
@@ -168,28 +178,24 @@ def attacked_items(context: RunContext) -> tuple[list[WorkItem], list[WorkItem],
         prompt_set,
         budget,
         judge=build_judge(concept.judge),
-        options=config.attack_options,
+        options=options,
         settings=context.settings,
         target_fingerprint=context.target_fingerprint,
         base_fingerprint=context.base_fingerprint,
     )
     attacked = [_with_prompt_id(item, "attack") for item in to_work_items(results, context.settings)]
-    card = {"attack": config.attack, "options": config.attack_options, "budget": asdict(budget)}
+    card = {"attack": config.attack, "options": options, "budget": asdict(budget)}
     return attacked, plain, card
 
 
 def benign_items(context: RunContext) -> list[WorkItem]:
     from duobench.prompts import load_prompt_set, to_work_items
 
-    prompt_set = load_prompt_set(
-        context.concept.benign_prompts, name="benign", limit=context.config.benign_limit
-    )
+    prompt_set = load_prompt_set(context.concept.benign_prompts, name="benign", limit=context.config.benign_limit)
     return to_work_items(prompt_set.rows, context.settings)
 
 
-def generate_images(
-    context: RunContext, pipe, fingerprint: str, items: list[WorkItem], name: str
-) -> list[Path]:
+def generate_images(context: RunContext, pipe, fingerprint: str, items: list[WorkItem], name: str) -> list[Path]:
     from duobench.engine import generate_cached
 
     report = generate_cached(
@@ -258,9 +264,7 @@ def benign_metrics(
         metric = METRICS.get(presets["clip_score"])()
         for start in range(0, len(items), 64):
             batch = items[start : start + 64]
-            metric.update(
-                load_images(target_paths[start : start + 64]), prompts=[item.prompt for item in batch]
-            )
+            metric.update(load_images(target_paths[start : start + 64]), prompts=[item.prompt for item in batch])
         return metric.compute()
 
     results["clip_score"] = context.stages.run(
@@ -331,9 +335,7 @@ def run(config: RunConfig, stages: StageCache | None = None, base=None) -> dict[
 
     benign = benign_items(context)
     base_paths = generate_images(context, context.base, context.base_fingerprint, benign, "benign-base")
-    target_paths = generate_images(
-        context, context.target, context.target_fingerprint, benign, "benign-target"
-    )
+    target_paths = generate_images(context, context.target, context.target_fingerprint, benign, "benign-target")
     metrics = benign_metrics(context, benign, base_paths, target_paths)
 
     summary = build_summary(context, judged, metrics, attack_card, len(attack_items))

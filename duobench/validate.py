@@ -80,9 +80,7 @@ def validate_run(config: RunConfig) -> list[Check]:
             ),
         )
     )
-    checks.append(
-        _check("attack", lambda: ATTACKS.get(config.attack) and f"registered attack {config.attack!r}")
-    )
+    checks.append(_check("attack", lambda: ATTACKS.get(config.attack) and f"registered attack {config.attack!r}"))
     if not concept_check.ok:
         return checks
     concept = load_concept(config.concept)

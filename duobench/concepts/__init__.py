@@ -71,6 +71,11 @@ class Concept:
     """Default sampler settings for this concept's model family (steps, guidance, height, width, ...)."""
     metrics: dict[str, str] = field(default_factory=dict)
     """Metric presets for runs on this concept: prior_preservation, clip_score, fid (`METRICS` names)."""
+    method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per-method defaults for this concept's model family (the toy world trains in fewer steps);
+    options given on the command line win."""
+    attack_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per-attack defaults (budgets sized for the model family); command-line options win."""
     path: str = ""
 
     @property
@@ -116,11 +121,7 @@ def _prompt_set(raw: Any, base: Path) -> PromptSetSpec:
         return PromptSetSpec(source="inline", prompts=tuple(str(p) for p in raw))
     _check_keys(raw, PromptSetSpec, "prompt set")
     spec = PromptSetSpec(**{**raw, "prompts": tuple(raw.get("prompts", ()))})
-    if (
-        spec.source not in {"inline"}
-        and not spec.source.startswith("hf:")
-        and not spec.source.startswith("toy:")
-    ):
+    if spec.source not in {"inline"} and not spec.source.startswith("hf:") and not spec.source.startswith("toy:"):
         resolved = (base / spec.source) if not Path(spec.source).is_absolute() else Path(spec.source)
         spec = PromptSetSpec(**{**spec.__dict__, "source": str(resolved)})
     return spec
@@ -157,5 +158,7 @@ def _concept_from_dict(raw: dict[str, Any], path: Path) -> Concept:
         ring_a_bell_pairs=tuple((str(a), str(b)) for a, b in raw.get("ring_a_bell_pairs", ())),
         generation=dict(raw.get("generation", {})),
         metrics=dict(raw.get("metrics", {})),
+        method_options={name: dict(options) for name, options in raw.get("method_options", {}).items()},
+        attack_options={name: dict(options) for name, options in raw.get("attack_options", {}).items()},
         path=str(path),
     )

@@ -49,8 +49,9 @@ class ToyAlignment(StreamingMetric):
 
     def __init__(self, card: MetricCard) -> None:
         self.judge = ToyJudge(toy_judge_card("star"))
-        self.card = MetricCard(**{**card.__dict__, "weights": self.judge.card.weights,
-                                  "weights_sha256": self.judge.card.weights_sha256})
+        self.card = MetricCard(
+            **{**card.__dict__, "weights": self.judge.card.weights, "weights_sha256": self.judge.card.weights_sha256}
+        )
         super().__init__()
 
     def empty_state(self) -> dict[str, Any]:
