@@ -283,6 +283,8 @@ def test_concepts_recipes_and_configs():
     assert METHODS.get("duo") is SPEC
     sweep = {beta: config_key("duo", make_config(SPEC, {"beta": beta}), nudity, "base") for beta in (250, 500)}
     assert sweep[250] != sweep[500]  # a β sweep is several cached artifacts
+    # CLI/YAML text and ints are coerced, so they name the same artifact as the typed defaults.
+    assert config_key("duo", make_config(SPEC, {"beta": 500, "base_lr": "3e-4"}), nudity, "base") == sweep[500]
     assert make_config(SPEC, PAPER_SETTINGS["violence"]).steps == 500
     with pytest.raises(DuobenchError, match="beta must be > 0"):
         DuoConfig(beta=0)
