@@ -79,13 +79,13 @@ def load_prompt_set(
     records = [{**record, POSITION: position} for position, record in enumerate(records)]
     if spec.filter:
         records = _apply_filter(records, spec.filter, spec.source)
+    if limit is not None:
+        records = records[:limit]  # N prompts, each with all of its seeds
     rows = []
     for record in records:
         row = _to_row(record, int(record[POSITION]), notes, guidance_override, use_row_resolution)
         if row is not None:
             rows.extend(_with_extra_seeds(row, spec.seeds_per_prompt))
-    if limit is not None:
-        rows = rows[:limit]
     if not rows:
         raise DuobenchError(
             f"Prompt set {spec.source!r}{' with filter ' + repr(spec.filter) if spec.filter else ''} has no "

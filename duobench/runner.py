@@ -51,7 +51,7 @@ class RunConfig:
     prompt_set: str = ""
     """A name from the concept's ``prompt_sets`` (default: its first)."""
     limit: int | None = None
-    """Only the first N rows of the prompt set (after seeds are expanded)."""
+    """Only the first N prompts of the prompt set (each with all its seeds)."""
     benign_limit: int | None = None
     attack_steps: int | None = None
     attack_queries: int | None = None
