@@ -30,7 +30,9 @@ TOY_BUDGETS: dict[str, tuple[Budget, dict]] = {
     "concept-inversion": (Budget(steps=300), {"gradient_accumulation": 1, "num_train_images": 20}),
     "unlearndiffatk": (Budget(), {"timesteps": 5, "iterations": 10}),
 }
-"""Per attack: the budget and options used in the toy world (paper settings otherwise)."""
+"""Per attack: the budget and options used in the toy world (paper settings otherwise). Measured on 2 shared
+CPU cores, 5 prompts x 4 seeds, one thread: Ring-A-Bell ~50 s (once per text encoder), SneakyPrompt 12-41 s,
+Concept Inversion ~20 s, UnlearnDiffAtk 20-130 s (longest when no early stop fires) per method."""
 
 
 def star_rate(pipe, judge, items) -> float:
