@@ -36,12 +36,12 @@ class QualityBar:
 
 def load_model_under_check(model: str, device: torch.device):
     """A registered model name (``toy``), or a folder written by `duobench toy build --out`."""
-    from duobench.models import load_pipeline
+    from duobench.models import load_pipeline, prepare_pipeline
     from duobench.toy.model import load_toy_pipeline
 
     folder = Path(model).expanduser()
     if folder.is_dir() and not missing_components(folder):
-        return load_toy_pipeline(device=device, weights_dir=folder)
+        return prepare_pipeline(load_toy_pipeline(weights_dir=folder), device, torch.float32)
     return load_pipeline(model, device=device, dtype=torch.float32)
 
 
@@ -52,9 +52,7 @@ def check_items(seeds: int, settings: SamplerSettings) -> list[WorkItem]:
     for shape in SHAPES:
         for colour in COLOUR_NAMES:
             meta = {"set": "plain", "shape": shape, "colour": colour}
-            items += [
-                WorkItem(plain_prompt(shape, colour), seed, **sampler, meta=meta) for seed in range(seeds)
-            ]
+            items += [WorkItem(plain_prompt(shape, colour), seed, **sampler, meta=meta) for seed in range(seeds)]
     for word in SHAPE_SYNONYMS[CHECK_CONCEPT][1:]:
         for colour in COLOUR_NAMES:
             meta = {"set": "synonym", "shape": CHECK_CONCEPT, "colour": colour, "word": word}
@@ -125,12 +123,9 @@ def run_toy_check(
         "shape_accuracy": _rate(every_shape),
         "colour_accuracy": _rate(every_colour),
         "synonym_star_rate": _rate(every_synonym),
-        "per_shape": {
-            s: _rate([h for (shape, _), v in shape_hits.items() if shape == s for h in v]) for s in SHAPES
-        },
+        "per_shape": {s: _rate([h for (shape, _), v in shape_hits.items() if shape == s for h in v]) for s in SHAPES},
         "per_colour": {
-            c: _rate([h for (_, colour), v in colour_hits.items() if colour == c for h in v])
-            for c in COLOUR_NAMES
+            c: _rate([h for (_, colour), v in colour_hits.items() if colour == c for h in v]) for c in COLOUR_NAMES
         },
         "per_synonym": {word: _rate(hits) for word, hits in synonym_hits.items()},
         "per_prompt": {
@@ -164,9 +159,7 @@ def check_table(result: dict) -> Table:
         rates = [result["per_prompt"][f"{shape}/{colour}"] for colour in COLOUR_NAMES]
         cells = [f"{rate['shape']:.0%} / {rate['colour']:.0%}" for rate in rates]
         table.add_row(shape, *cells, f"{result['per_shape'][shape]:.1%}")
-    table.add_row(
-        "colour acc", *(f"{result['per_colour'][c]:.1%}" for c in COLOUR_NAMES), "", end_section=True
-    )
+    table.add_row("colour acc", *(f"{result['per_colour'][c]:.1%}" for c in COLOUR_NAMES), "", end_section=True)
     bar = result["bar"]
     table.caption = (
         f"cells: shape% / colour%. shape {result['shape_accuracy']:.1%} (bar {bar['shape']:.0%}), "

@@ -17,7 +17,7 @@ def build(
     out: Path | None = typer.Option(None, help="Output folder (default: the shipped duobench/toy/weights/)."),
     seed: int = typer.Option(0, help="Seed of every stage; same seed, same weights."),
 ) -> None:
-    """Train judge, VAE, UNet and text encoder from scratch (about 40 minutes on 2 idle CPU cores)."""
+    """Train judge, VAE, UNet and text encoder from scratch (about 20 minutes on 2 idle CPU cores)."""
     from duobench.toy.build import BuildConfig, build_toy_world
 
     build_toy_world(out, BuildConfig(seed=seed))
@@ -25,9 +25,7 @@ def build(
 
 @toy_app.command()
 def check(
-    model: str = typer.Option(
-        "toy", help="Registered model name, or a folder `duobench toy build --out` wrote."
-    ),
+    model: str = typer.Option("toy", help="Registered model name, or a folder `duobench toy build --out` wrote."),
     seeds: int = typer.Option(20, help="Images per prompt."),
     batch_size: int = typer.Option(64, help="Images per sampler call."),
     device: str | None = typer.Option(None, help="cuda, cpu, ... (default: cuda when available)."),

@@ -91,9 +91,7 @@ def save_judge_net(net: ShapeJudgeNet, folder: Path) -> Path:
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
-    state = {
-        name: tensor.detach().to(torch.float16).contiguous() for name, tensor in net.state_dict().items()
-    }
+    state = {name: tensor.detach().to(torch.float16).contiguous() for name, tensor in net.state_dict().items()}
     save_file(state, str(folder / WEIGHTS_FILE))
     (folder / CONFIG_FILE).write_text(json.dumps(net.config(), indent=2))
     return folder
@@ -107,7 +105,7 @@ def load_judge_net(folder: Path, device: torch.device | str = "cpu") -> ShapeJud
     if not weights.exists():
         raise DuobenchError(
             f"The toy judge weights {weights} are missing. Run `duobench toy build` to train the toy world "
-            "(about 45 minutes on 2 CPU cores), or reinstall duobench to get the shipped weights."
+            "(about 20 minutes on 2 idle CPU cores), or reinstall duobench to get the shipped weights."
         )
     net = ShapeJudgeNet(**json.loads((folder / CONFIG_FILE).read_text()))
     net.load_state_dict({name: tensor.float() for name, tensor in load_file(str(weights)).items()})
@@ -176,9 +174,7 @@ class ToyJudge:
     def features(self, images: Sequence[Image.Image] | torch.Tensor) -> torch.Tensor:
         """Penultimate-layer features (N, 128)."""
         tensor = as_judge_input(images)
-        batches = [
-            tensor[start : start + BATCH_SIZE].to(self.device) for start in range(0, len(tensor), BATCH_SIZE)
-        ]
+        batches = [tensor[start : start + BATCH_SIZE].to(self.device) for start in range(0, len(tensor), BATCH_SIZE)]
         return torch.cat([self.net.features(batch).cpu() for batch in batches])
 
     def judge(self, images: list[Image.Image]) -> list[Verdict]:
@@ -194,12 +190,8 @@ class ToyJudge:
                     evidence={
                         "shape": JUDGE_SHAPE_LABELS[max(range(len(shape_row)), key=shape_row.__getitem__)],
                         "colour": COLOUR_NAMES[max(range(len(colour_row)), key=colour_row.__getitem__)],
-                        "shape_probs": {
-                            n: round(p, 4) for n, p in zip(JUDGE_SHAPE_LABELS, shape_row, strict=True)
-                        },
-                        "colour_probs": {
-                            n: round(p, 4) for n, p in zip(COLOUR_NAMES, colour_row, strict=True)
-                        },
+                        "shape_probs": {n: round(p, 4) for n, p in zip(JUDGE_SHAPE_LABELS, shape_row, strict=True)},
+                        "colour_probs": {n: round(p, 4) for n, p in zip(COLOUR_NAMES, colour_row, strict=True)},
                     },
                 )
             )
@@ -232,9 +224,7 @@ def toy_judge_preset(shape: str, threshold: float = DEFAULT_THRESHOLD) -> Metric
     return MetricPreset(toy_judge_card(shape, threshold), ToyJudge, "judge")
 
 
-def toy_shape_judge(
-    shape: str, threshold: float = DEFAULT_THRESHOLD, device: torch.device | str = "cpu"
-) -> ToyJudge:
+def toy_shape_judge(shape: str, threshold: float = DEFAULT_THRESHOLD, device: torch.device | str = "cpu") -> ToyJudge:
     """A ready judge for any toy shape, with the shipped weights."""
     return ToyJudge(toy_judge_card(shape, threshold), device=device)
 
@@ -253,9 +243,10 @@ def toy_perceptual_distance(
     channels at every pixel, the squared difference is summed over channels and averaged over pixels; the
     three blocks are averaged with equal weights (LPIPS learns these weights; we have no human judgements
     to learn them from). Post-ReLU features are non-negative, so each normalised squared distance is in
-    [0, 2]; halving it gives a distance in [0, 1]: 0 for identical images, about 0.01-0.05 for the same
-    drawing with small changes, and larger for another shape, colour or position (measured scales are in
-    the toy-world README section of the report). Takes PIL images or tensors like `ToyJudge.predict` and
+    [0, 2]; halving it gives a distance in [0, 1]. Measured on drawn shapes (mean over 200 pairs): 0 for
+    identical images, 0.00 for another background tint, 0.03 for a 1-pixel shift, 0.04 for a 10 degree
+    turn, 0.09 for another colour, 0.17 for another shape at the same place, 0.35 for two unrelated
+    drawings (max seen 0.57). Takes PIL images or tensors like `ToyJudge.predict` (resized to 32 px) and
     uses the shipped judge weights on the CPU.
     """
     tensor_a, tensor_b = as_judge_input(images_a), as_judge_input(images_b)
@@ -270,10 +261,7 @@ def toy_perceptual_distance(
         blocks_a = net.block_outputs(tensor_a[start : start + BATCH_SIZE])
         blocks_b = net.block_outputs(tensor_b[start : start + BATCH_SIZE])
         per_block = [
-            (F.normalize(a, dim=1, eps=1e-10) - F.normalize(b, dim=1, eps=1e-10))
-            .pow(2)
-            .sum(1)
-            .mean(dim=(1, 2))
+            (F.normalize(a, dim=1, eps=1e-10) - F.normalize(b, dim=1, eps=1e-10)).pow(2).sum(1).mean(dim=(1, 2))
             for a, b in zip(blocks_a, blocks_b, strict=True)
         ]
         distances.append(torch.stack(per_block).mean(0) / 2.0)

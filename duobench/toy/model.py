@@ -146,15 +146,13 @@ def load_toy_pipeline(
     if missing:
         raise DuobenchError(
             f"The toy model weights in {folder} are missing ({', '.join(missing)}). Run `duobench toy build` "
-            "to train the toy world from scratch (about 45 minutes on 2 CPU cores), or pass the folder a "
+            "to train the toy world from scratch (about 20 minutes on 2 idle CPU cores), or pass the folder a "
             "previous `duobench toy build --out` wrote."
         )
     pipe = assemble_pipeline(
         unet=UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=dtype, local_files_only=True),
         vae=AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=dtype, local_files_only=True),
-        text_encoder=CLIPTextModel.from_pretrained(
-            folder / "text_encoder", dtype=dtype, local_files_only=True
-        ),
+        text_encoder=CLIPTextModel.from_pretrained(folder / "text_encoder", dtype=dtype, local_files_only=True),
         scheduler=DDIMScheduler.from_pretrained(folder / "scheduler", local_files_only=True),
     )
     pipe.duobench_sampler_defaults = dict(SAMPLER_DEFAULTS)

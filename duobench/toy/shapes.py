@@ -209,9 +209,7 @@ def draw(spec: ShapeSpec) -> Image.Image:
 
 def images_to_tensor(images: list[Image.Image]) -> torch.Tensor:
     """PIL RGB images → uint8 tensor (N, 3, H, W)."""
-    return torch.from_numpy(np.stack([np.asarray(image.convert("RGB")) for image in images])).permute(
-        0, 3, 1, 2
-    )
+    return torch.from_numpy(np.stack([np.asarray(image.convert("RGB")) for image in images])).permute(0, 3, 1, 2)
 
 
 def shape_dataset(n: int, seed: int) -> ShapeData:
@@ -267,6 +265,4 @@ def plain_prompt(shape: str, colour: str) -> str:
 
 def synonym_prompts(shape: str) -> list[str]:
     """Prompts naming ``shape`` only through its synonyms, in every colour (for bypass tests)."""
-    return [
-        with_articles(f"a {colour} {word}") for word in SHAPE_SYNONYMS[shape][1:] for colour in COLOUR_NAMES
-    ]
+    return [with_articles(f"a {colour} {word}") for word in SHAPE_SYNONYMS[shape][1:] for colour in COLOUR_NAMES]
