@@ -150,8 +150,8 @@ def load_toy_pipeline(
             "previous `duobench toy build --out` wrote."
         )
     pipe = assemble_pipeline(
-        unet=UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=dtype, local_files_only=True),
-        vae=AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=dtype, local_files_only=True),
+        unet=UNet2DConditionModel.from_pretrained(folder / "unet", dtype=dtype, local_files_only=True),
+        vae=AutoencoderKL.from_pretrained(folder / "vae", dtype=dtype, local_files_only=True),
         text_encoder=CLIPTextModel.from_pretrained(folder / "text_encoder", dtype=dtype, local_files_only=True),
         scheduler=DDIMScheduler.from_pretrained(folder / "scheduler", local_files_only=True),
     )
