@@ -88,14 +88,19 @@ def train_or_load(
     final = (root / method / key) if root is not None else artifact_dir(method, key)
     if (final / CARD_NAME).exists():
         return final, config, False
+    from duobench.distributed import barrier, process_info
+
     staging = final.with_name(final.name + ".partial")
     staging.mkdir(parents=True, exist_ok=True)
     spec.train(config, pipe, concept, staging)
-    if not (staging / CARD_NAME).exists():
-        raise RuntimeError(f"method {method!r} finished training without writing {CARD_NAME}")
-    if final.exists():
-        shutil.rmtree(final)
-    staging.rename(final)
+    barrier()
+    if process_info().is_main:  # every rank trained together; one of them moves the artifact into place
+        if not (staging / CARD_NAME).exists():
+            raise RuntimeError(f"method {method!r} finished training without writing {CARD_NAME}")
+        if final.exists():
+            shutil.rmtree(final)
+        staging.rename(final)
+    barrier()
     return final, config, True
 
 

@@ -157,7 +157,8 @@ def _apply_filter(records: list[dict[str, Any]], query: str, source: str) -> lis
     frame = pd.DataFrame.from_records(records)
     frame = frame.apply(_numeric_if_possible)
     try:
-        return frame.query(query).to_dict("records")
+        # The python engine: string methods (`.str.contains`) fail under numexpr, which may be installed.
+        return frame.query(query, engine="python").to_dict("records")
     except Exception as error:  # pandas raises several types for a bad query
         raise DuobenchError(
             f"The filter {query!r} cannot be applied to {source}: {error}. Columns: {', '.join(frame.columns)}."

@@ -10,6 +10,11 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ["DUOBENCH_HOME"] = tempfile.mkdtemp(prefix="duobench-test-home-")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# Tiny models: a second thread only adds synchronisation, and on a shared 2-core machine it makes every small
+# op wait for whichever core is busy (tiny-UNet forwards went from 0.02 s to 2 s).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
