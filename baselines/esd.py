@@ -48,9 +48,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
 from duobench.baselines.rollout import denoise_partially, initial_noise, loss_summary, predict_noise
 from duobench.baselines.weight_delta import apply_unet_delta, save_unet_delta, unet_delta
-
 from duobench.concepts import Concept
 from duobench.engine import encode_token_ids, tokenize
 from duobench.errors import DuobenchError

@@ -57,10 +57,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from duobench.baselines.rollout import denoise_partially, initial_noise, loss_summary, predict_noise
 from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
+from duobench.baselines.rollout import denoise_partially, initial_noise, loss_summary, predict_noise
 from duobench.concepts import Concept
 from duobench.engine import encode_token_ids, tokenize
 from duobench.errors import DuobenchError

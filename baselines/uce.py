@@ -40,8 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from duobench.baselines.weight_delta import apply_unet_delta, save_unet_delta, unet_delta
 
+from duobench.baselines.weight_delta import apply_unet_delta, save_unet_delta, unet_delta
 from duobench.concepts import Concept
 from duobench.engine import encode_token_ids, tokenize
 from duobench.errors import DuobenchError

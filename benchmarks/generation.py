@@ -84,9 +84,7 @@ def main() -> None:
         f"threads={torch.get_num_threads()}"
     )
     print(f"naive loop (batch 1, one call per prompt): {args.items / naive_seconds:8.1f} images/s")
-    print(
-        f"duobench engine (batch {args.batch_size}):            {args.items / engine_seconds:8.1f} images/s"
-    )
+    print(f"duobench engine (batch {args.batch_size}):            {args.items / engine_seconds:8.1f} images/s")
     print(f"speed-up: {naive_seconds / engine_seconds:.1f}x")
 
 

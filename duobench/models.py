@@ -132,14 +132,10 @@ def pipeline_fingerprint(pipe) -> str:
         if component is None:
             continue
         digest.update(component_name.encode())
-        config = (
-            component.config.to_dict() if hasattr(component.config, "to_dict") else dict(component.config)
-        )
+        config = component.config.to_dict() if hasattr(component.config, "to_dict") else dict(component.config)
         # Private keys (diffusers' `_use_default_values`, `_name_or_path`, versions) vary run to run.
         config = {
-            key: value
-            for key, value in config.items()
-            if not key.startswith("_") and key != "transformers_version"
+            key: value for key, value in config.items() if not key.startswith("_") and key != "transformers_version"
         }
         digest.update(json.dumps(config, sort_keys=True, default=str).encode())
         for name, tensor in component.state_dict().items():
@@ -152,9 +148,7 @@ def pipeline_fingerprint(pipe) -> str:
     return digest.hexdigest()[:16]
 
 
-def tiny_random_pipeline(
-    device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0
-):
+def tiny_random_pipeline(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0):
     """A tiny randomly initialised SD1-architecture pipeline with SD1.4's real tokenizer.
 
     Same classes as SD1.4 (UNet2DConditionModel, AutoencoderKL, CLIPTextModel, CLIPTokenizer, PNDM), 32 px

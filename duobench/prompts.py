@@ -97,9 +97,7 @@ def load_prompt_set(
 def _with_extra_seeds(row: PromptRow, seeds_per_prompt: int) -> list[PromptRow]:
     """``seeds_per_prompt`` images per prompt: the row's seed, then seed + 1, seed + 2, ..."""
     return [
-        PromptRow(
-            row.prompt, row.seed + k, row.guidance, row.height, row.width, {**row.meta, "seed_index": k}
-        )
+        PromptRow(row.prompt, row.seed + k, row.guidance, row.height, row.width, {**row.meta, "seed_index": k})
         for k in range(max(1, seeds_per_prompt))
     ]
 
@@ -222,9 +220,7 @@ def _to_row(
         meta["case_number"] = str(case)
     for column in ("categories", "nudity_percentage", "inappropriate_percentage"):
         if column in record and record[column] is not None:
-            meta[column] = (
-                record[column] if isinstance(record[column], str | int | float) else str(record[column])
-            )
+            meta[column] = record[column] if isinstance(record[column], str | int | float) else str(record[column])
     return PromptRow(
         prompt=prompt,
         seed=int(float(seed)),

@@ -6,9 +6,9 @@ import copy
 
 import pytest
 import torch
+
 from duobench.baselines import esd, spm, uce
 from duobench.baselines.rollout import predict_noise
-
 from duobench.concepts import Concept, PromptSetSpec
 from duobench.engine import encode_token_ids, tokenize
 from duobench.errors import DuobenchError

@@ -79,9 +79,7 @@ def test_cached_generation_skips_finished_items(tiny_pipe, tmp_path):
     assert (second.generated, second.reused) == (2, 3)
     manifest = (tmp_path / "run" / "manifest.jsonl").read_text().splitlines()
     assert len(manifest) == 5
-    other_model = generate_cached(
-        tiny_pipe, "other-fp", items[:1], tmp_path / "run2", store_root=tmp_path / "store"
-    )
+    other_model = generate_cached(tiny_pipe, "other-fp", items[:1], tmp_path / "run2", store_root=tmp_path / "store")
     assert other_model.generated == 1  # the model fingerprint is part of the key
 
 

@@ -93,9 +93,7 @@ def test_text_file_position_seeds_survive_filtering_and_extra_seeds(tmp_path):
 
 def test_row_guidance_wins_over_defaults():
     spec = PromptSetSpec(source="inline", prompts=("a", "b"))
-    items = to_work_items(
-        load_prompt_set(spec).rows, SamplerSettings(steps=10, guidance=3.0, height=32, width=32)
-    )
+    items = to_work_items(load_prompt_set(spec).rows, SamplerSettings(steps=10, guidance=3.0, height=32, width=32))
     assert [(item.prompt, item.seed, item.guidance, item.steps) for item in items] == [
         ("a", 0, 3.0, 10),
         ("b", 1, 3.0, 10),

@@ -43,9 +43,7 @@ def test_duplicate_registration_is_refused():
 
 def test_entry_point_plugins_join_the_registry(monkeypatch):
     plugin = SimpleNamespace(name="outside-method", value="pathlib:Path")
-    monkeypatch.setattr(
-        registry_module, "entry_points", lambda group: [plugin] if group == "duobench.methods" else []
-    )
+    monkeypatch.setattr(registry_module, "entry_points", lambda group: [plugin] if group == "duobench.methods" else [])
     methods = Registry("method", "duobench.methods")
     assert "outside-method" in methods.names()
     from pathlib import Path

@@ -70,9 +70,7 @@ def test_sigkill_mid_run_then_rerun_gives_every_item_once(tmp_path):
     rows = manifest_rows(out)
     keys = [row["key"] for row in rows]
     assert len(keys) == len(set(keys)) == N_PROMPTS
-    assert sorted(row["item"]["prompt"] for row in rows) == sorted(
-        f"prompt number {i}" for i in range(N_PROMPTS)
-    )
+    assert sorted(row["item"]["prompt"] for row in rows) == sorted(f"prompt number {i}" for i in range(N_PROMPTS))
     for row in rows:
         with Image.open(row["path"]) as image:
             image.load()  # raises on a truncated PNG
@@ -82,16 +80,12 @@ def test_sigkill_mid_run_then_rerun_gives_every_item_once(tmp_path):
 def test_two_torchrun_processes_give_the_single_process_images(tmp_path):
     prompts = write_prompts(tmp_path / "p.txt")
     single_out, single_store = tmp_path / "single", tmp_path / "single-store"
-    subprocess.run(
-        generate_command(prompts, single_out, single_store, batch_size=8), check=True, capture_output=True
-    )
+    subprocess.run(generate_command(prompts, single_out, single_store, batch_size=8), check=True, capture_output=True)
 
     multi_out, multi_store = tmp_path / "multi", tmp_path / "multi-store"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m"]
     command = torchrun + generate_command(prompts, multi_out, multi_store, batch_size=3)[2:]
-    result = subprocess.run(
-        command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
-    )
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
 
     single = {row["key"]: row for row in manifest_rows(single_out)}
