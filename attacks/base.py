@@ -134,15 +134,12 @@ class AttackResult:
             embedding = self.embedding_path
         if self.replay == "token_ids" and token_ids is None:
             raise DuobenchError(f"The {self.attack} result for {self.source_prompt!r} has no token ids.")
-        return WorkItem(
-            prompt=self.text,
-            seed=self.seed,
-            negative_prompt=settings.negative_prompt,
-            guidance=self.guidance if self.guidance is not None else settings.guidance,
-            steps=settings.steps,
-            height=self.height or settings.height,
-            width=self.width or settings.width,
-            scheduler=settings.scheduler,
+        return settings.item(
+            self.text,
+            self.seed,
+            self.guidance,
+            self.height,
+            self.width,
             token_ids=token_ids,
             embedding=embedding,
             meta={**self.meta, "attack": self.attack, "source_prompt": self.source_prompt},
@@ -152,17 +149,8 @@ class AttackResult:
 def row_work_item(row: PromptRow, settings: SamplerSettings, prompt: str | Sequence[int]) -> WorkItem:
     """The item that generates ``prompt`` (text, or 77 token ids) with ``row``'s seed, guidance and size."""
     token_ids = None if isinstance(prompt, str) else tuple(int(t) for t in prompt)
-    return WorkItem(
-        prompt=prompt if isinstance(prompt, str) else "",
-        seed=row.seed,
-        negative_prompt=settings.negative_prompt,
-        guidance=row.guidance if row.guidance is not None else settings.guidance,
-        steps=settings.steps,
-        height=row.height or settings.height,
-        width=row.width or settings.width,
-        scheduler=settings.scheduler,
-        token_ids=token_ids,
-    )
+    text = prompt if isinstance(prompt, str) else ""
+    return settings.item(text, row.seed, row.guidance, row.height, row.width, token_ids=token_ids)
 
 
 class QueryCountingGenerator:

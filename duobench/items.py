@@ -23,6 +23,28 @@ class SamplerSettings:
     scheduler: str = "pndm"
     negative_prompt: str = ""
 
+    def item(
+        self,
+        prompt: str,
+        seed: int,
+        guidance: float | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        **fields: Any,
+    ) -> WorkItem:
+        """A work item sampled with these settings; a prompt row's own guidance and size win over them."""
+        return WorkItem(
+            prompt=prompt,
+            seed=seed,
+            negative_prompt=self.negative_prompt,
+            guidance=guidance if guidance is not None else self.guidance,
+            steps=self.steps,
+            height=height or self.height,
+            width=width or self.width,
+            scheduler=self.scheduler,
+            **fields,
+        )
+
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> SamplerSettings:
         known = {f.name for f in fields(cls)}

@@ -234,16 +234,5 @@ def _to_row(
 def to_work_items(rows: list[PromptRow], settings: SamplerSettings) -> list[WorkItem]:
     """Work items for ``rows``: a row's own guidance (and size, when kept) wins over ``settings``."""
     return [
-        WorkItem(
-            prompt=row.prompt,
-            seed=row.seed,
-            negative_prompt=settings.negative_prompt,
-            guidance=row.guidance if row.guidance is not None else settings.guidance,
-            steps=settings.steps,
-            height=row.height or settings.height,
-            width=row.width or settings.width,
-            scheduler=settings.scheduler,
-            meta=dict(row.meta),
-        )
-        for row in rows
+        settings.item(row.prompt, row.seed, row.guidance, row.height, row.width, meta=dict(row.meta)) for row in rows
     ]
