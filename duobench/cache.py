@@ -25,6 +25,8 @@ from PIL import Image
 from duobench.errors import DuobenchError
 
 MANIFEST_NAME = "manifest.jsonl"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 def _disk_full_error(path: Path, error: OSError) -> DuobenchError:
@@ -43,6 +45,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             file.write(data)
             file.flush()
             os.fsync(file.fileno())
+        os.chmod(temporary, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; results are meant to be shared
         os.replace(temporary, path)
     except OSError as error:
         Path(temporary).unlink(missing_ok=True)
