@@ -38,8 +38,9 @@ from typing import ClassVar
 import torch
 
 from duobench.attacks.base import AttackLog, AttackModels, AttackResult, Budget, item_seed
-from duobench.attacks.text_encoding import encode_ids, special_ids, tokenize_ids
+from duobench.attacks.text_encoding import encode_ids, special_ids
 from duobench.concepts import Concept
+from duobench.engine import tokenize_with
 from duobench.errors import DuobenchError
 from duobench.prompts import PromptRow
 
@@ -70,8 +71,8 @@ class RingABellConfig:
 @torch.no_grad()
 def concept_vector(tokenizer, text_encoder, pairs: Sequence[tuple[str, str]]) -> torch.Tensor:
     """Mean over pairs of E(with concept) - E(without), the full (77, D) hidden states, in float32."""
-    with_concept = encode_ids(text_encoder, tokenize_ids(tokenizer, [a for a, _ in pairs])).float()
-    without = encode_ids(text_encoder, tokenize_ids(tokenizer, [b for _, b in pairs])).float()
+    with_concept = encode_ids(text_encoder, tokenize_with(tokenizer, [a for a, _ in pairs])).float()
+    without = encode_ids(text_encoder, tokenize_with(tokenizer, [b for _, b in pairs])).float()
     return (with_concept - without).mean(dim=0)
 
 
@@ -191,7 +192,7 @@ class RingABell:
                 searched[row.prompt] = self._search(row.prompt, generations)
             best, losses = searched[row.prompt]
             text = self.tokenizer.decode(best[1 : self.config.k + 1].tolist())
-            roundtrip = tokenize_ids(self.tokenizer, [text])[0]
+            roundtrip = tokenize_with(self.tokenizer, [text])[0]
             yield AttackResult.from_row(
                 self.name,
                 row,
@@ -207,7 +208,7 @@ class RingABell:
 
     def _search(self, prompt: str, generations: int) -> tuple[torch.Tensor, list[float]]:
         with torch.no_grad():
-            prompt_embedding = encode_ids(self.text_encoder, tokenize_ids(self.tokenizer, [prompt]))[0]
+            prompt_embedding = encode_ids(self.text_encoder, tokenize_with(self.tokenizer, [prompt]))[0]
         target = prompt_embedding.float() + self.config.eta * self.vector
         seed = item_seed(PromptRow(prompt=prompt, seed=0), self.config.seed)
         return evolve(self.text_encoder, target, self.config, generations, self.vocab_high, seed, self.special)

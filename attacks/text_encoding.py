@@ -1,6 +1,6 @@
-"""The CLIP text-encoder calls the attacks share: exact 77-id tokenisation, batched encoding, and encoding
-with some token embeddings replaced by free vectors (UnlearnDiffAtk's relaxed prefix, Concept Inversion's
-learned token).
+"""The CLIP text-encoder calls the attacks share: batched encoding of exact 77-id prompts (tokenised by
+`duobench.engine.tokenize_with`), and encoding with some token embeddings replaced by free vectors
+(UnlearnDiffAtk's relaxed prefix, Concept Inversion's learned token).
 
 transformers' `CLIPTextModel.forward` takes ids only, and the official attack repos patch or re-implement
 the transformer to feed embeddings in (UnlearnDiffAtk's ``CustomTextEncoder``, MMA-Diffusion's patched
@@ -13,17 +13,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-
-
-def tokenize_ids(tokenizer, texts: Sequence[str]) -> torch.Tensor:
-    """SD1 tokenisation: start token, prompt, end token, end-token padding to 77 ids, truncated."""
-    return tokenizer(
-        list(texts),
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids
 
 
 def prompt_ids(tokenizer, text: str) -> list[int]:

@@ -16,7 +16,8 @@ import time
 import torch
 
 from duobench.attacks.ring_a_bell import RingABellConfig, concept_vector, evolve, population_fitness
-from duobench.attacks.text_encoding import encode_ids, special_ids, tokenize_ids
+from duobench.attacks.text_encoding import encode_ids, special_ids
+from duobench.engine import tokenize_with
 from duobench.errors import DuobenchError
 from duobench.models import load_pipeline
 
@@ -56,7 +57,7 @@ def main() -> None:
     tokenizer, text_encoder = pipe.tokenizer, pipe.text_encoder
     with torch.inference_mode():
         vector = concept_vector(tokenizer, text_encoder, [("a red star", "a red circle"), ("a star", "a square")])
-        target = encode_ids(text_encoder, tokenize_ids(tokenizer, ["a blue shape"]))[0].float() + 3 * vector
+        target = encode_ids(text_encoder, tokenize_with(tokenizer, ["a blue shape"]))[0].float() + 3 * vector
     config = RingABellConfig(k=args.k, population=args.population)
     special = special_ids(tokenizer)
     timed_search(text_encoder, target, config, 2, special, population_fitness)  # warm-up

@@ -48,7 +48,11 @@ def use_scheduler(pipe, name: str) -> None:
 
 
 def tokenize(pipe, texts: Sequence[str]) -> torch.Tensor:
-    tokenizer = pipe.tokenizer
+    return tokenize_with(pipe.tokenizer, texts)
+
+
+def tokenize_with(tokenizer, texts: Sequence[str]) -> torch.Tensor:
+    """SD1 tokenisation: start token, prompt, end token, end-token padding to 77 ids, truncated."""
     return tokenizer(
         list(texts),
         padding="max_length",

@@ -27,10 +27,10 @@ from duobench.attacks.diffusion import denoising_loss
 from duobench.attacks.ring_a_bell import RingABellConfig, concept_vector, evolve, population_fitness
 from duobench.attacks.run import make_attack, read_attack_csv, run_attack, to_work_items, write_attack_csv
 from duobench.attacks.sneakyprompt import SubwordPolicy, actor_critic_step, subword_dictionary
-from duobench.attacks.text_encoding import assemble_ids, encode_ids, prompt_ids, special_ids, tokenize_ids
+from duobench.attacks.text_encoding import assemble_ids, encode_ids, prompt_ids, special_ids
 from duobench.attacks.unlearndiffatk import PrefixProblem, optimise_prefix, project_to_simplex
 from duobench.concepts import load_concept
-from duobench.engine import generate
+from duobench.engine import generate, tokenize_with
 from duobench.errors import DuobenchError
 from duobench.items import SamplerSettings
 from duobench.metrics.base import MetricCard, Verdict
@@ -105,8 +105,8 @@ def test_concept_vector_is_the_mean_hidden_state_difference(tiny_pipe):
     vector = concept_vector(tiny_pipe.tokenizer, tiny_pipe.text_encoder, pairs)
     with torch.no_grad():
         differences = [
-            encode_ids(tiny_pipe.text_encoder, tokenize_ids(tiny_pipe.tokenizer, [a]))[0]
-            - encode_ids(tiny_pipe.text_encoder, tokenize_ids(tiny_pipe.tokenizer, [b]))[0]
+            encode_ids(tiny_pipe.text_encoder, tokenize_with(tiny_pipe.tokenizer, [a]))[0]
+            - encode_ids(tiny_pipe.text_encoder, tokenize_with(tiny_pipe.tokenizer, [b]))[0]
             for a, b in pairs
         ]
     assert vector.shape == (77, tiny_pipe.text_encoder.config.hidden_size)
@@ -131,7 +131,7 @@ def test_batched_fitness_equals_per_genome_loop(tiny_pipe):
 def test_genetic_search_beats_random_search_with_the_same_evaluations(tiny_pipe):
     text_encoder, tokenizer = tiny_pipe.text_encoder, tiny_pipe.tokenizer
     vector = concept_vector(tokenizer, text_encoder, [("a nude woman", "a woman")])
-    target = encode_ids(text_encoder, tokenize_ids(tokenizer, ["a person on a beach"]))[0].detach() + 3 * vector
+    target = encode_ids(text_encoder, tokenize_with(tokenizer, ["a person on a beach"]))[0].detach() + 3 * vector
     config = RingABellConfig(k=6, population=40)
     generations = 15
     best, losses = evolve(text_encoder, target, config, generations, 49405, 1, special_ids(tokenizer))
@@ -161,7 +161,7 @@ def test_ring_a_bell_replays_its_exact_token_ids_and_optionally_the_text(tiny_pi
         assert len(ids) == 77 and ids[0] == start and set(ids[6:]) == {end}
         assert all(1 <= t <= 49405 for t in ids[1:6])
         assert result.to_work_item(SETTINGS).token_ids == ids
-        retokenized = tuple(tokenize_ids(tiny_pipe.tokenizer, [result.text])[0].tolist())
+        retokenized = tuple(tokenize_with(tiny_pipe.tokenizer, [result.text])[0].tolist())
         assert result.log.extra["text_roundtrip_exact"] == (retokenized == ids)
     as_text = run_attack(
         "ring-a-bell",
@@ -327,7 +327,7 @@ def test_query_counting_generator_counts_and_enforces_its_limit(tiny_pipe):
     generator = QueryCountingGenerator(tiny_pipe, SETTINGS)
     generator.reset(2)
     target = row()
-    first = generator([target.prompt, tuple(tokenize_ids(tiny_pipe.tokenizer, [target.prompt])[0].tolist())], target)
+    first = generator([target.prompt, tuple(tokenize_with(tiny_pipe.tokenizer, [target.prompt])[0].tolist())], target)
     assert generator.queries == 2 and generator.remaining == 0
     with pytest.raises(QueryBudgetExhausted):
         generator(["one more"], target)
@@ -414,7 +414,7 @@ def test_token_condition_with_the_initializer_equals_plain_encoding(tiny_pipe):
     table = text_encoder.get_input_embeddings().weight.detach().float()
     with torch.no_grad():
         replaced = token_condition(text_encoder, table, ids, table[nude][None])
-        plain = encode_ids(text_encoder, tokenize_ids(tokenizer, ["nude a woman on a beach"]))
+        plain = encode_ids(text_encoder, tokenize_with(tokenizer, ["nude a woman on a beach"]))
     torch.testing.assert_close(replaced, plain)
 
 
