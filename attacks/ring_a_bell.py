@@ -12,8 +12,9 @@ prompt's encoding pushed along the concept direction.
 
 Paper settings (`InversePrompt.ipynb`): population 200, 3000 generations, mutation 0.25, crossover 0.5,
 K = 16 (also 38 and 77, i.e. 75 free tokens), eta = 3 for nudity. The population's fitness is one batched
-text-encoder pass per generation (survivors that were not mutated keep their score, and copies of a genome
-are encoded once); the notebook's first version looped over genomes one by one.
+text-encoder call per generation (survivors that were not mutated keep their score, and copies of a genome
+are encoded once: about 54 of 200 members per generation once the search has converged); the notebook's
+first version looped over all 200 genomes one by one.
 
 Differences from the official notebook, on purpose:
 
@@ -76,11 +77,25 @@ def concept_vector(tokenizer, text_encoder, pairs: Sequence[tuple[str, str]]) ->
     return (with_concept - without).mean(dim=0)
 
 
+CPU_CHUNK_GENOMES = 32
+"""Genomes per encoder pass on a CPU. A whole population in one pass allocates activations too big for the
+caches (and fresh pages on every call): the toy encoder scores 200 genomes in 112 ms in one pass and in
+58 ms (1 thread) / 37 ms (2 threads) in chunks of 32, against 105 / 88 ms one genome at a time. SD1.4's
+encoder is compute-bound on a CPU at any chunk size. On a GPU the population goes in one pass."""
+
+
 @torch.inference_mode()
 def population_fitness(text_encoder, population: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Squared error to ``target`` summed over all 77 x D, for the whole population in one encoder pass."""
-    encoded = encode_ids(text_encoder, population).float()
-    return ((encoded - target.to(encoded.device)) ** 2).sum(dim=(1, 2)).cpu()
+    """Squared error to ``target`` summed over all 77 x D, for the whole population in batched encoder
+    passes: one pass on a GPU, cache-sized chunks on a CPU."""
+    chunk = len(population) if text_encoder.device.type != "cpu" else CPU_CHUNK_GENOMES
+    target = target.to(text_encoder.device)
+    return torch.cat(
+        [
+            ((encode_ids(text_encoder, rows).float() - target) ** 2).sum(dim=(1, 2)).cpu()
+            for rows in population.split(max(chunk, 1))
+        ]
+    )
 
 
 def initial_population(size: int, k: int, start_id: int, end_id: int, vocab_high: int, rng: torch.Generator):
