@@ -10,7 +10,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import click
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -25,6 +24,23 @@ app = typer.Typer(
 )
 console = Console()
 error_console = Console(stderr=True)
+
+
+@app.callback()
+def global_options(
+    threads: int | None = typer.Option(
+        None,
+        envvar="DUOBENCH_THREADS",
+        min=1,
+        help="torch CPU threads (default: torch's, one per core). On a shared CPU, 1 avoids threads waiting "
+        "on each other; results trained on a CPU can depend on it (float summation order).",
+    ),
+) -> None:
+    """duobench: erase a concept from a text-to-image model, attack it, measure what is left."""
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 @app.command("ls")
@@ -427,16 +443,21 @@ def _mount_subcommands() -> None:
 _mount_subcommands()
 
 
+USAGE_ERROR = next(cls for cls in typer.BadParameter.__mro__ if cls.__name__ == "ClickException")
+"""Click's base class for usage errors (bad option value, unknown command). Newer typer raises its own
+vendored copy of click's classes, older typer click's, so take the class from typer itself."""
+
+
 def main() -> None:
     try:
         app(standalone_mode=False)
     except DuobenchError as error:
         error_console.print(f"[bold red]error[/]: {error}", highlight=False, soft_wrap=True)
         sys.exit(2)
-    except click.exceptions.Abort:
+    except typer.Abort:
         error_console.print("aborted")
         sys.exit(130)
-    except click.ClickException as error:
+    except USAGE_ERROR as error:
         error.show()
         sys.exit(error.exit_code)
     except KeyboardInterrupt:

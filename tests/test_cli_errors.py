@@ -43,6 +43,22 @@ def test_errors_are_one_paragraph_without_traceback(tmp_path, args, expected):
     assert len(error_lines) == 1
 
 
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["run", "--limit", "many"], "Invalid value for '--limit'"),
+        (["nosuch"], "No such command"),
+        (["--threads", "0", "ls"], "--threads"),
+    ],
+)
+def test_usage_errors_are_short_without_traceback(args, expected):
+    result = run_cli(*args)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr + result.stdout
+    assert expected in result.stderr
+    assert len(result.stderr.strip().splitlines()) <= 4
+
+
 def test_help_and_ls_work():
     assert run_cli("--help").returncode == 0
     listing = run_cli("ls", "models")
