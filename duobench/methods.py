@@ -10,7 +10,7 @@ A method is a few functions and a dataclass config, not a class hierarchy:
   sweeps it.
 
 Artifacts live under ``$DUOBENCH_HOME/artifacts/<method>/<key>/`` where the key hashes the method, its
-config, the concept file and the base model's fingerprint: the same configuration is never trained twice.
+config, the concept's content (comments and descriptions aside) and the base model's fingerprint: the same configuration is never trained twice.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
-from duobench.concepts import Concept
+from duobench.concepts import Concept, concept_identity
 from duobench.errors import DuobenchError
 from duobench.paths import duobench_home
 from duobench.registry import METHODS
@@ -55,11 +55,11 @@ def make_config(spec: MethodSpec, overrides: dict[str, Any] | None = None):
 
 
 def config_key(method: str, config: Any, concept: Concept, base_fingerprint: str) -> str:
-    """The artifact key: same method + config + concept file + base weights ⇒ same artifact."""
+    """The artifact key: same method + config + concept content + base weights ⇒ same artifact."""
     payload = {
         "method": method,
         "config": asdict(config) if is_dataclass(config) else config,
-        "concept": Path(concept.path).read_text() if concept.path else concept.name,
+        "concept": concept_identity(concept),
         "base": base_fingerprint,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]

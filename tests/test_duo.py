@@ -288,3 +288,20 @@ def test_concepts_recipes_and_configs():
     assert make_config(SPEC, PAPER_SETTINGS["violence"]).steps == 500
     with pytest.raises(DuobenchError, match="beta must be > 0"):
         DuoConfig(beta=0)
+
+
+def test_artifact_key_follows_concept_content_not_its_comments(tmp_path):
+    source = load_concept("nudity").path
+    text = open(source).read()
+    variants = {
+        "same": text,
+        "commented": "# a new comment\n" + text.replace("description: >-", "description: >-\n  Reworded.", 1),
+        "edited": text.replace("erase_prompt: nudity", "erase_prompt: nude body", 1),
+    }
+    assert variants["edited"] != text
+    keys = {}
+    for name, content in variants.items():
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(content)
+        keys[name] = config_key("duo", make_config(SPEC), load_concept(str(path)), "base")
+    assert keys["same"] == keys["commented"] != keys["edited"]

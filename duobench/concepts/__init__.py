@@ -116,6 +116,27 @@ def load_concept(name_or_path: str) -> Concept:
         raise DuobenchError(f"Concept file {path} is malformed: {error}") from error
 
 
+def concept_identity(concept: Concept) -> Any:
+    """What a concept file says, minus what only documents it: the parsed YAML without comments, layout or
+    ``description`` texts. Artifact keys hash this, so rewording a comment does not retrain every method,
+    while any change to prompts, pairs or options does."""
+    if not concept.path:
+        return concept.name
+    return _without_descriptions(yaml.safe_load(Path(concept.path).read_text()))
+
+
+def _without_descriptions(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {
+            key: _without_descriptions(item)
+            for key, item in value.items()
+            if not (key == "description" and isinstance(item, str))
+        }
+    if isinstance(value, list):
+        return [_without_descriptions(item) for item in value]
+    return value
+
+
 def _prompt_set(raw: Any, base: Path) -> PromptSetSpec:
     if isinstance(raw, list):
         return PromptSetSpec(source="inline", prompts=tuple(str(p) for p in raw))
