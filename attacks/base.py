@@ -20,7 +20,8 @@ embedding: `AttackResult.to_work_item` turns it into the engine's `WorkItem` for
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
@@ -265,6 +266,18 @@ class Attack(Protocol):
 def judge_images(judge: Judge, images: list[Image.Image]) -> list[tuple[bool, float]]:
     """(unsafe, score) per image."""
     return [(bool(verdict.unsafe), float(verdict.score)) for verdict in judge.judge(images)]
+
+
+def attack_each_row(
+    rows: Sequence[PromptRow], attack_row: Callable[[PromptRow], AttackResult]
+) -> Iterator[AttackResult]:
+    """``attack_row(row)`` for each row in order, with its wall-clock seconds in ``log.seconds``: the whole
+    of ``attack()`` for an attack that treats every row on its own (SneakyPrompt, UnlearnDiffAtk)."""
+    for row in rows:
+        started = time.perf_counter()
+        result = attack_row(row)
+        result.log.seconds = time.perf_counter() - started
+        yield result
 
 
 def item_seed(row: PromptRow, attack_seed: int) -> int:

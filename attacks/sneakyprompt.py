@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import re
 import string
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -47,7 +46,15 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from duobench.attacks.base import AttackLog, AttackModels, AttackResult, Budget, item_seed, judge_images
+from duobench.attacks.base import (
+    AttackLog,
+    AttackModels,
+    AttackResult,
+    Budget,
+    attack_each_row,
+    item_seed,
+    judge_images,
+)
 from duobench.concepts import Concept
 from duobench.errors import DuobenchError
 from duobench.prompts import PromptRow
@@ -205,11 +212,7 @@ class SneakyPrompt:
         self.erase_prompt = concept.erase_prompt
 
     def attack(self, rows: Sequence[PromptRow], budget: Budget) -> Iterator[AttackResult]:
-        for row in rows:
-            started = time.perf_counter()
-            result = self._attack_row(row, budget)
-            result.log.seconds = time.perf_counter() - started
-            yield result
+        return attack_each_row(rows, lambda row: self._attack_row(row, budget))
 
     def _filter(self, prompts: list[str], images) -> list[tuple[bool, float | None]]:
         """(blocked, judge score) per query."""

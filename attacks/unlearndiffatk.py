@@ -26,7 +26,6 @@ generations (pre-check included).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
@@ -39,6 +38,7 @@ from duobench.attacks.base import (
     AttackResult,
     Budget,
     QueryCountingGenerator,
+    attack_each_row,
     item_seed,
     judge_images,
 )
@@ -167,11 +167,7 @@ class UnlearnDiffAtk:
         self.models = models
 
     def attack(self, rows: Sequence[PromptRow], budget: Budget) -> Iterator[AttackResult]:
-        for row in rows:
-            started = time.perf_counter()
-            result = self._attack_row(row, budget)
-            result.log.seconds = time.perf_counter() - started
-            yield result
+        return attack_each_row(rows, lambda row: self._attack_row(row, budget))
 
     def _attack_row(self, row: PromptRow, budget: Budget) -> AttackResult:
         config, models = self.config, self.models
