@@ -154,47 +154,14 @@ def tiny_random_pipeline(device: torch.device | str = "cpu", dtype: torch.dtype 
     Same classes as SD1.4 (UNet2DConditionModel, AutoencoderKL, CLIPTextModel, CLIPTokenizer, PNDM), 32 px
     images, 8x8 latents; built from configs, so it needs no download.
     """
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import PNDMScheduler
 
-    from duobench.tokenizer import sd_clip_tokenizer
+    from duobench.small_sd1 import sd1_pipeline, small_text_encoder, small_unet, small_vae
 
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=8,
-    )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(16, 32, 32),
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=32,
-    )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=49408,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=49407,
-        )
-    )
+    unet = small_unet(block_out_channels=(32, 64), text_width=32, attention_head_dim=8)
+    vae = small_vae(block_out_channels=(16, 32, 32), layers_per_block=1)
+    text_encoder = small_text_encoder(width=32, intermediate_size=64)
     scheduler = PNDMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -203,16 +170,7 @@ def tiny_random_pipeline(device: torch.device | str = "cpu", dtype: torch.dtype 
         steps_offset=1,
         set_alpha_to_one=False,
     )
-    pipe = StableDiffusionPipeline(
-        unet=unet,
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=sd_clip_tokenizer(),
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    pipe = sd1_pipeline(unet, vae, text_encoder, scheduler)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device=device)
     return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)

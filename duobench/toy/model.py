@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from duobench.errors import DuobenchError
+from duobench.small_sd1 import sd1_pipeline, small_text_encoder, small_unet, small_vae
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 COMPONENT_CONFIGS = {
@@ -28,63 +29,22 @@ SAMPLER_DEFAULTS = {"steps": 20, "guidance": 7.5, "scheduler": "ddim"}
 """How the toy model samples unless told otherwise (attached to the pipeline as
 ``duobench_sampler_defaults``; the star concept's ``generation`` block says the same)."""
 TEXT_WIDTH = 64
-LATENT_SIZE = 8
-IMAGE_SIZE = 32
 
 
 def make_vae():
     """AutoencoderKL, 32 px → 4x8x8 (f = 4). A narrow first stage (16 channels at 32 px) makes each
     training step ~2x cheaper than the prototype's (32, 64, 64), which buys ~10x more steps."""
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(16, 32, 64),
-        layers_per_block=2,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=IMAGE_SIZE,
-    )
+    return small_vae(block_out_channels=(16, 32, 64), layers_per_block=2)
 
 
 def make_unet():
     """UNet2DConditionModel (32, 64, 64), cross-attention at 8x8 and 4x4, ~1.5M parameters."""
-    from diffusers import UNet2DConditionModel
-
-    return UNet2DConditionModel(
-        sample_size=LATENT_SIZE,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64, 64),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=TEXT_WIDTH,
-        attention_head_dim=4,
-        norm_num_groups=8,
-    )
+    return small_unet(block_out_channels=(32, 64, 64), text_width=TEXT_WIDTH, attention_head_dim=4)
 
 
 def make_text_encoder():
     """CLIPTextModel: SD1.4's vocabulary (49,408 tokens) and 77 positions, 2 layers of width 64."""
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    return CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=49408,
-            hidden_size=TEXT_WIDTH,
-            intermediate_size=4 * TEXT_WIDTH,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=49407,
-        )
-    )
+    return small_text_encoder(width=TEXT_WIDTH, intermediate_size=4 * TEXT_WIDTH)
 
 
 def make_scheduler():
@@ -100,24 +60,6 @@ def make_scheduler():
         clip_sample=False,
         set_alpha_to_one=False,
         steps_offset=1,
-    )
-
-
-def assemble_pipeline(unet, vae, text_encoder, scheduler=None):
-    """A `StableDiffusionPipeline` from toy components, SD1.4's tokenizer and no safety checker."""
-    from diffusers import StableDiffusionPipeline
-
-    from duobench.tokenizer import sd_clip_tokenizer
-
-    return StableDiffusionPipeline(
-        unet=unet,
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=sd_clip_tokenizer(),
-        scheduler=scheduler if scheduler is not None else make_scheduler(),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
     )
 
 
@@ -149,7 +91,7 @@ def load_toy_pipeline(
             "to train the toy world from scratch (about 20 minutes on 2 idle CPU cores), or pass the folder a "
             "previous `duobench toy build --out` wrote."
         )
-    pipe = assemble_pipeline(
+    pipe = sd1_pipeline(
         unet=UNet2DConditionModel.from_pretrained(folder / "unet", dtype=dtype, local_files_only=True),
         vae=AutoencoderKL.from_pretrained(folder / "vae", dtype=dtype, local_files_only=True),
         text_encoder=CLIPTextModel.from_pretrained(folder / "text_encoder", dtype=dtype, local_files_only=True),
