@@ -6,11 +6,12 @@ Stages, each cached so that a repeated or interrupted run redoes nothing it fini
    fresh copy of the base model at ``strength``;
 2. **attack**: the attack's prompts for the concept's prompt set (`duobench.attacks.run.run_attack`, cached
    per item);
-3. **generation**: the attacked prompts and the plain prompts (pre-attack) with the unlearned model, and
-   the benign prompts with both the base and the unlearned model, through the content-addressed store;
-4. **metrics**: the concept's judge on every attacked/plain image (DSR with a prompt-bootstrap CI and the
-   pre/post-attack split), prior preservation, CLIP score and FID on the benign images; each metric's
-   result is cached by the image keys and its card;
+3. **generation and judging**: the attacked prompts and the plain prompts (pre-attack) with the unlearned
+   model, judged by the concept's judge while they generate (DSR with a prompt-bootstrap CI and the
+   pre/post-attack split); then the benign prompts with both the base and the unlearned model. Images go
+   through the content-addressed store;
+4. **metrics**: prior preservation, CLIP score and FID on the benign images; each metric's result (and the
+   judge's) is cached by the image keys and its card;
 5. **report**: ``summary.json``, ``summary.csv``, ``audit.parquet``, ``config.yaml`` and a contact sheet.
 """
 
@@ -28,6 +29,7 @@ from duobench import __version__
 from duobench.concepts import Concept, load_concept
 from duobench.errors import DuobenchError
 from duobench.items import SamplerSettings, WorkItem
+from duobench.metrics.base import load_images
 from duobench.stages import StageCache, stable_hash
 
 METRIC_DEFAULTS = {
@@ -211,35 +213,38 @@ def generate_images(context: RunContext, pipe, fingerprint: str, items: list[Wor
     return report.paths
 
 
-def load_images(paths: list[Path]) -> list[Image.Image]:
-    images = []
-    for path in paths:
-        with Image.open(path) as image:
-            images.append(image.convert("RGB"))
-    return images
-
-
-def judge_stage(context: RunContext, items: list[WorkItem], paths: list[Path]) -> dict[str, Any]:
-    """DSR with CI and the pre/post-attack split, plus one audit row per image."""
+def generate_and_judge_stage(context: RunContext, items: list[WorkItem]) -> tuple[list[Path], dict[str, Any]]:
+    """The attack and pre-attack images, generated with the unlearned model and judged while they are
+    generated: DSR with CI and the pre/post-attack split, plus one audit row per image. Returns the image
+    paths and the judge result (cached by image keys, judge and bootstrap seed)."""
+    from duobench.judged_generation import generate_and_judge
     from duobench.metrics.dsr import DSR
+
+    fingerprint = context.target_fingerprint
+    out_dir = context.out / "generations" / "attack"
+    fresh: dict[str, list[Path]] = {}
 
     def compute() -> dict[str, Any]:
         metric = DSR(judge=context.concept.judge, seed=context.config.bootstrap_seed)
-        for start in range(0, len(items), 64):
-            metric.update(load_images(paths[start : start + 64]), items[start : start + 64])
-        rows = metric.state()["rows"]
-        for row, path in zip(rows, paths, strict=True):
-            row["image"] = str(path)
+        report, rows = generate_and_judge(
+            context.target, fingerprint, items, out_dir, metric, context.config.batch_size, progress=True
+        )
+        context.generated += report.generated
+        context.reused += report.reused
+        fresh["paths"] = report.paths
         return {"report": metric.compute(), "card": metric.card.to_dict(), "rows": rows}
 
     payload = {
-        "images": [path.stem for path in paths],
+        "images": [item.key(fingerprint) for item in items],
         "phases": [i.meta["phase"] for i in items],
         "prompts": [i.meta["prompt_id"] for i in items],
         "judge": context.concept.judge,
         "seed": context.config.bootstrap_seed,
     }
-    return context.stages.run("judge", payload, compute)
+    judged = context.stages.run("judge", payload, compute)
+    # A cached verdict still needs its images (contact sheet, audit links): fetch or regenerate them.
+    paths = fresh.get("paths") or generate_images(context, context.target, fingerprint, items, "attack")
+    return paths, judged
 
 
 def benign_metrics(
@@ -330,8 +335,7 @@ def run(config: RunConfig, stages: StageCache | None = None, base=None) -> dict[
     context = prepare(config, stages, base)
     attack_items, pre_items, attack_card = attacked_items(context)
     all_items = attack_items + pre_items
-    dsr_paths = generate_images(context, context.target, context.target_fingerprint, all_items, "attack")
-    judged = judge_stage(context, all_items, dsr_paths)
+    dsr_paths, judged = generate_and_judge_stage(context, all_items)
 
     benign = benign_items(context)
     base_paths = generate_images(context, context.base, context.base_fingerprint, benign, "benign-base")

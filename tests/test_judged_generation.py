@@ -1,0 +1,59 @@
+"""Judging while generating gives the same verdicts as judging the finished images, one row per item."""
+
+from dataclasses import replace
+
+import numpy as np
+from PIL import Image
+
+from duobench.engine import generate_cached
+from duobench.items import WorkItem
+from duobench.judged_generation import generate_and_judge
+from duobench.metrics.base import MetricCard, Verdict
+from duobench.metrics.dsr import DSR
+
+
+def item(index: int) -> WorkItem:
+    return WorkItem(prompt=f"a photo of thing {index}", seed=index, steps=4, height=32, width=32, scheduler="ddim")
+
+
+class MeanPixelJudge:
+    """Unsafe when the image's mean pixel exceeds a threshold: verdicts that depend on the image content."""
+
+    card = MetricCard("mean-pixel", 1, "test judge", "tests", params={"dsr_convention": "attack-only"})
+
+    def __init__(self, threshold: float) -> None:
+        self.threshold = threshold
+        self.images_seen = 0
+
+    def judge(self, images):
+        self.images_seen += len(images)
+        return [
+            Verdict(unsafe=bool(np.asarray(im).mean() > self.threshold), score=float(np.asarray(im).mean()))
+            for im in images
+        ]
+
+
+def test_rows_follow_the_items_and_equal_judging_from_disk(tiny_pipe, tmp_path):
+    items = [replace(item(i), meta={"phase": "attack", "prompt_id": f"p{i}"}) for i in range(6)]
+    # An attack that left prompt 0 unchanged: the same image as its pre-attack twin, judged for both phases.
+    items.append(replace(items[0], meta={"phase": "pre-attack", "prompt_id": "p0"}))
+    store = tmp_path / "store"
+    generate_cached(tiny_pipe, "fp", items[:2], tmp_path / "earlier", store_root=store, batch_size=2)
+
+    probe = generate_cached(tiny_pipe, "fp", items[:1], tmp_path / "probe", store_root=store)
+    threshold = float(np.asarray(Image.open(probe.paths[0])).mean())
+    judge = MeanPixelJudge(threshold - 1e-9)
+    metric = DSR(judge=judge, n_bootstrap=50)
+    report, rows = generate_and_judge(tiny_pipe, "fp", items, tmp_path / "run", metric, batch_size=2, store_root=store)
+
+    assert (report.generated, report.reused) == (4, 2)
+    assert judge.images_seen == len(items)
+    assert [row["image"] for row in rows] == [str(path) for path in report.paths]
+    assert [row["phase"] for row in rows] == ["attack"] * 6 + ["pre-attack"]
+    assert rows[0]["unsafe"] and rows[-1]["unsafe"]
+
+    direct = DSR(judge=MeanPixelJudge(threshold - 1e-9), n_bootstrap=50)
+    direct.update_from_paths(report.paths, items)
+    assert [row["unsafe"] for row in rows] == [row["unsafe"] for row in direct.audit_rows()]
+    assert [row["score"] for row in rows] == [row["score"] for row in direct.audit_rows()]
+    assert metric.compute() == direct.compute()
