@@ -91,21 +91,26 @@ def generate(
     use_row_resolution: bool = typer.Option(False, help="Use each row's width/height instead of native size."),
     cache_dir: Path | None = typer.Option(None, help="Image store (default $DUOBENCH_HOME/images)."),
     device: str | None = typer.Option(None, help="cuda, cpu, ... (default: cuda when available)."),
+    concept: str | None = typer.Option(None, help="Sample with this concept's protocol settings (its YAML)."),
+    judge: str | None = typer.Option(
+        None, help="Judge every image while generating, e.g. nudenet-duo or q16 (`duobench ls metrics`)."
+    ),
 ) -> None:
-    """Generate images for a prompt set into the resumable cache (one row per image in manifest.jsonl)."""
+    """Generate images for a prompt set into the resumable cache (one row per image in manifest.jsonl);
+    with --judge, also judge them and write judgments.csv and judge_summary.json."""
     from dataclasses import replace
 
-    from duobench.concepts import PromptSetSpec
+    from duobench.concepts import PromptSetSpec, load_concept
     from duobench.distributed import init_distributed, rank_device
-    from duobench.engine import generate_cached
     from duobench.models import default_sampler_settings, load_pipeline, pipeline_fingerprint
     from duobench.prompts import load_prompt_set, to_work_items
 
     info = init_distributed()
     spec = PromptSetSpec(source=prompts, filter=filter, seeds_per_prompt=seeds_per_prompt)
     prompt_set = load_prompt_set(spec, guidance_override=guidance, use_row_resolution=use_row_resolution, limit=limit)
+    metric = _judge_metric(judge) if judge else None
     pipe = load_pipeline(model, device=device or (rank_device(info) if info.world_size > 1 else None))
-    settings = default_sampler_settings(pipe)
+    settings = default_sampler_settings(pipe, load_concept(concept) if concept else None)
     overrides = {k: v for k, v in {"steps": steps, "scheduler": scheduler}.items() if v is not None}
     try:
         settings = replace(settings, **overrides)
@@ -115,20 +120,51 @@ def generate(
     if info.is_main:
         for note, count in prompt_set.notes.items():
             error_console.print(f"[yellow]note[/]: {count} row(s): {note}")
-    report = generate_cached(
-        pipe,
-        pipeline_fingerprint(pipe),
-        items,
-        out,
-        store_root=cache_dir,
-        batch_size=batch_size,
-        progress=True,
-    )
+    report, rows = _generate(pipe, pipeline_fingerprint(pipe), items, out, cache_dir, batch_size, metric)
     if info.is_main:
         console.print(
             f"{len(items)} images ({report.generated} generated here, {report.reused} reused) in "
             f"{report.seconds:.1f} s → {out / 'manifest.jsonl'}"
         )
+        if metric is not None:
+            _write_judgments(out, metric, rows)
+
+
+def _judge_metric(judge: str):
+    """DSR over the generated images with ``judge``: its safe share and the unsafe rate, with a CI."""
+    from duobench.metrics.dsr import DSR, build_judge
+
+    return DSR(judge=build_judge(judge))
+
+
+def _generate(pipe, fingerprint, items, out, cache_dir, batch_size, metric):
+    from duobench.engine import generate_cached
+    from duobench.judged_generation import generate_and_judge
+
+    if metric is None:
+        return generate_cached(pipe, fingerprint, items, out, cache_dir, batch_size, progress=True), []
+    return generate_and_judge(pipe, fingerprint, items, out, metric, batch_size, cache_dir, progress=True)
+
+
+def _write_judgments(out: Path, metric, rows: list[dict]) -> None:
+    import json
+
+    import pandas as pd
+
+    from duobench.cache import atomic_write_bytes
+
+    result = metric.compute()
+    unsafe = result["n_images_attack"] - round(result["dsr_attack_only"]["value"] * result["n_images_attack"])
+    summary = {**result, "unsafe_images": unsafe, "unsafe_rate": 1 - result["dsr_attack_only"]["value"]}
+    table = pd.DataFrame(rows).drop(columns="phase")  # no attack here: every image is of the plain prompts
+    atomic_write_bytes(out / "judgments.csv", table.to_csv(index=False).encode())
+    atomic_write_bytes(out / "judge_summary.json", json.dumps(summary, indent=2, default=str).encode())
+    low, high = result["dsr_attack_only"]["ci_low"], result["dsr_attack_only"]["ci_high"]
+    console.print(
+        f"{result['judge']}: {unsafe} of {result['n_images_attack']} images unsafe (unsafe rate "
+        f"{summary['unsafe_rate']:.3f}, 95% CI [{1 - high:.3f}, {1 - low:.3f}] over "
+        f"{result['n_prompts']} prompts) → {out / 'judgments.csv'}"
+    )
 
 
 def parse_options(pairs: list[str] | None) -> dict:

@@ -10,7 +10,8 @@ A method is a few functions and a dataclass config, not a class hierarchy:
   sweeps it.
 
 Artifacts live under ``$DUOBENCH_HOME/artifacts/<method>/<key>/`` where the key hashes the method, its
-config, the concept's content (comments and descriptions aside) and the base model's fingerprint: the same configuration is never trained twice.
+config, the concept's content (comments and descriptions aside) and the base model's fingerprint: the same
+configuration is never trained twice.
 """
 
 from __future__ import annotations

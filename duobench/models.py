@@ -176,11 +176,17 @@ def tiny_random_pipeline(device: torch.device | str = "cpu", dtype: torch.dtype 
     return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
 
 
-def default_sampler_settings(pipe):
+def default_sampler_settings(pipe, concept=None):
     """The model's own sampling defaults: native resolution, plus any ``duobench_sampler_defaults`` a model
-    loader attached (the toy world samples with DDIM in few steps); otherwise SD1.4's PNDM 50 steps, CFG 7.5."""
+    loader attached (the toy world samples with DDIM in few steps); otherwise SD1.4's PNDM 50 steps, CFG 7.5.
+    A concept's ``generation`` block (its protocol's sampler) overrides them."""
     from duobench.items import SamplerSettings
 
     native = pipe.unet.config.sample_size * pipe.vae_scale_factor
     values = {"height": native, "width": native, **getattr(pipe, "duobench_sampler_defaults", {})}
-    return SamplerSettings.from_dict(values)
+    if concept is None:
+        return SamplerSettings.from_dict(values)
+    try:
+        return SamplerSettings.from_dict({**values, **concept.generation})
+    except ValueError as error:
+        raise DuobenchError(f"Concept {concept.name!r} has bad generation settings: {error}") from error

@@ -109,7 +109,7 @@ def prepare(config: RunConfig, stages: StageCache | None = None, base=None) -> R
     concept = load_concept(config.concept)
     base = base if base is not None else load_pipeline(config.model, device=config.device)
     base_fingerprint = pipeline_fingerprint(base)
-    settings = replace(default_sampler_settings(base), **concept.generation)
+    settings = default_sampler_settings(base, concept)
     context = RunContext(
         config=config,
         concept=concept,

@@ -1,8 +1,12 @@
 """Judging while generating gives the same verdicts as judging the finished images, one row per item."""
 
+import json
+import subprocess
+import sys
 from dataclasses import replace
 
 import numpy as np
+import pandas as pd
 from PIL import Image
 
 from duobench.engine import generate_cached
@@ -57,3 +61,21 @@ def test_rows_follow_the_items_and_equal_judging_from_disk(tiny_pipe, tmp_path):
     assert [row["unsafe"] for row in rows] == [row["unsafe"] for row in direct.audit_rows()]
     assert [row["score"] for row in rows] == [row["score"] for row in direct.audit_rows()]
     assert metric.compute() == direct.compute()
+
+
+def test_generate_command_judges_and_resumes(tmp_path):
+    prompts = tmp_path / "prompts.csv"
+    prompts.write_text("prompt,seed\na photo of a cat,1\na photo of a dog,2\n")
+    command = [sys.executable, "-m", "duobench.cli", "--threads", "1", "generate", "--model", "tiny-random"]
+    command += ["--prompts", str(prompts), "--seeds-per-prompt", "2", "--judge", "nudenet-duo"]
+    command += ["--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "store")]
+    first = subprocess.run(command, capture_output=True, text=True, check=True)
+    assert "4 images (4 generated here, 0 reused)" in " ".join(first.stdout.split())
+    table = pd.read_csv(tmp_path / "out" / "judgments.csv")
+    assert len(table) == 4 and set(table["seed"]) == {1, 2, 3} and "phase" not in table
+    summary = json.loads((tmp_path / "out" / "judge_summary.json").read_text())
+    assert summary["unsafe_images"] == int(table["unsafe"].sum()) and summary["n_prompts"] == 2
+
+    second = subprocess.run(command, capture_output=True, text=True, check=True)
+    assert "4 images (0 generated here, 4 reused)" in " ".join(second.stdout.split())
+    assert pd.read_csv(tmp_path / "out" / "judgments.csv").equals(table)

@@ -48,6 +48,7 @@ from duobench.engine import generate, use_scheduler
 from duobench.errors import DuobenchError
 from duobench.items import SamplerSettings, WorkItem, numerics_versions
 from duobench.metrics.base import Judge
+from duobench.models import default_sampler_settings
 from duobench.paths import duobench_home
 
 logger = logging.getLogger(__name__)
@@ -133,16 +134,6 @@ def recipe_rows(concept: Concept, sub_concept: str = "", pairs: int = 0) -> list
     return [DuoPairSpec(row.unsafe, row.safe, count, row.sub_concept) for row, count in zip(rows, counts, strict=True)]
 
 
-def sampler_settings(pipe, concept: Concept) -> SamplerSettings:
-    """The model's own sampling defaults (`default_sampler_settings`), overridden by the concept's."""
-    from duobench.models import default_sampler_settings
-
-    try:
-        return SamplerSettings.from_dict({**asdict(default_sampler_settings(pipe)), **concept.generation})
-    except ValueError as error:
-        raise DuobenchError(f"Concept {concept.name!r} has bad generation settings: {error}") from error
-
-
 def load_judge(name: str) -> Judge | None:
     """The judge preset registered as ``name`` in `METRICS`, or None for ``none`` (keep every image)."""
     from duobench.metrics.dsr import build_judge
@@ -206,7 +197,7 @@ def build_pair_set(
         judge = load_judge(concept.data_judge)
     rows = recipe_rows(concept, sub_concept, pairs)
     base_fingerprint = base_fingerprint or pipeline_fingerprint(pipe)
-    settings = sampler_settings(pipe, concept)
+    settings = default_sampler_settings(pipe, concept)
     recipe = pair_set_recipe(concept, rows, settings, seed, judge, base_fingerprint)
     key = recipe_key(recipe)
     final = (root or duobench_home() / "duo-pairs") / key
