@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from duobench.baselines.rollout import denoise_partially, initial_noise, loss_summary, predict_noise
-from duobench.baselines.weight_delta import apply_unet_delta, save_unet_delta, unet_delta
+from duobench.baselines.weight_delta import apply_weight_delta, save_weight_delta, weight_delta
 from duobench.concepts import Concept
 from duobench.engine import encode_token_ids, tokenize
 from duobench.errors import DuobenchError
@@ -132,8 +132,8 @@ def finetune(config: ESDConfig, pipe, concept: Concept, variant: str) -> tuple[t
 def train(config: ESDConfig, pipe, concept: Concept, out_dir: Path, *, variant: str) -> None:
     trained, losses = finetune(config, pipe, concept, variant)
     edited = {name: p for name, p in trained.named_parameters() if is_trained(name, variant)}
-    delta = unet_delta(pipe.unet.state_dict(), edited)
-    save_unet_delta(delta, out_dir)
+    delta = weight_delta(pipe.unet.state_dict(), edited)
+    save_weight_delta(delta, out_dir)
     write_card(
         out_dir,
         variant,
@@ -151,13 +151,13 @@ ESD_U = MethodSpec(
     name="esd-u",
     config_cls=ESDConfig,
     train=functools.partial(train, variant="esd-u"),
-    apply=apply_unet_delta,
+    apply=apply_weight_delta,
     description="ESD-u: fine-tune all but cross-attention toward negative guidance (paper eta=1)",
 )
 ESD_X = MethodSpec(
     name="esd-x",
     config_cls=ESDConfig,
     train=functools.partial(train, variant="esd-x"),
-    apply=apply_unet_delta,
+    apply=apply_weight_delta,
     description="ESD-x: fine-tune cross-attention toward negative guidance (paper eta=1)",
 )

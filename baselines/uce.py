@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from duobench.baselines.weight_delta import apply_unet_delta, save_unet_delta, unet_delta
+from duobench.baselines.weight_delta import apply_weight_delta, save_weight_delta, weight_delta
 from duobench.concepts import Concept
 from duobench.engine import encode_token_ids, tokenize
 from duobench.errors import DuobenchError
@@ -156,8 +156,8 @@ def edited_weights(config: UCEConfig, pipe, concept: Concept) -> dict[str, torch
 
 def train(config: UCEConfig, pipe, concept: Concept, out_dir: Path) -> None:
     erase, guides, preserve = edit_concepts(concept)
-    delta = unet_delta(pipe.unet.state_dict(), edited_weights(config, pipe, concept))
-    save_unet_delta(delta, out_dir)
+    delta = weight_delta(pipe.unet.state_dict(), edited_weights(config, pipe, concept))
+    save_weight_delta(delta, out_dir)
     write_card(
         out_dir,
         "uce",
@@ -174,6 +174,6 @@ UCE = MethodSpec(
     name="uce",
     config_cls=UCEConfig,
     train=train,
-    apply=apply_unet_delta,
+    apply=apply_weight_delta,
     description="UCE: closed-form edit of cross-attention keys/values (paper-era token spans, lambda 0.5)",
 )

@@ -148,6 +148,10 @@ BUILTIN_PLUGINS: dict[str, dict[str, tuple[str, str]]] = {
         "esd-x": ("duobench.baselines.esd:ESD_X", "ESD-x (Gandikota et al., ICCV 2023): cross-attn only"),
         "uce": ("duobench.baselines.uce:UCE", "UCE (Gandikota et al., WACV 2024): closed-form K/V edit"),
         "spm": ("duobench.baselines.spm:SPM", "SPM (Lyu et al., CVPR 2024): rank-1 membrane adapters"),
+        "external": (
+            "duobench.external:EXTERNAL",
+            "a checkpoint unlearned elsewhere (path=file, folder or HF id): weight delta or LoRA",
+        ),
     },
     "attacks": {
         "none": ("duobench.attacks.none:NoAttack", "no attack: the concept's plain prompts with their seeds"),
