@@ -153,6 +153,7 @@ ESD_U = MethodSpec(
     train=functools.partial(train, variant="esd-u"),
     apply=apply_weight_delta,
     description="ESD-u: fine-tune all but cross-attention toward negative guidance (paper eta=1)",
+    seed_fields=("seed",),
 )
 ESD_X = MethodSpec(
     name="esd-x",
@@ -160,4 +161,5 @@ ESD_X = MethodSpec(
     train=functools.partial(train, variant="esd-x"),
     apply=apply_weight_delta,
     description="ESD-x: fine-tune cross-attention toward negative guidance (paper eta=1)",
+    seed_fields=("seed",),
 )

@@ -413,4 +413,5 @@ SPM = MethodSpec(
     train=train,
     apply=apply,
     description="SPM: rank-1 membrane adapters with latent anchoring and facilitated transport",
+    seed_fields=("seed",),
 )

@@ -167,6 +167,13 @@ def _write_judgments(out: Path, metric, rows: list[dict]) -> None:
     )
 
 
+def _int_list(text: str, option: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError as error:
+        raise DuobenchError(f"{option} takes comma-separated integers, e.g. 0,1,2; got {text!r}.") from error
+
+
 def parse_options(pairs: list[str] | None) -> dict:
     """``["beta=500", "steps=10"]`` → ``{"beta": 500, "steps": 10}`` (values parsed as YAML scalars)."""
     import yaml
@@ -307,6 +314,9 @@ def leaderboard(
     out: Path | None = typer.Option(None, help="Run folders (default runs/leaderboard)."),
     config: Path | None = typer.Option(None, "--config", help="YAML file with run options."),
     check: Path | None = typer.Option(None, help="Verify a published CSV instead of running the grid."),
+    training_seeds: str | None = typer.Option(
+        None, help="Train each stochastic method once per seed, e.g. 0,1,2: rows per seed plus mean ± sd."
+    ),
 ) -> None:
     """Run the (method x attack) grid and write leaderboards/<model>-<concept>.csv (+ .md), or --check one."""
     from duobench.leaderboard import check_leaderboard, leaderboard_path, run_grid, write_leaderboard
@@ -343,7 +353,8 @@ def leaderboard(
     stages = StageCache()
     method_list = [m.strip() for m in methods.split(",") if m.strip()]
     attack_list = [a.strip() for a in attacks.split(",") if a.strip()]
-    rows, summaries = run_grid(run_config, method_list, attack_list, stages)
+    seeds = _int_list(training_seeds, "--training-seeds") if training_seeds else None
+    rows, summaries = run_grid(run_config, method_list, attack_list, stages, training_seeds=seeds)
     from duobench.concepts import load_concept
 
     csv_path = write_leaderboard(
@@ -355,16 +366,20 @@ def leaderboard(
 
         from duobench.curves import parse_sweep, write_curve
         from duobench.curves import sweep as run_sweep
+        from duobench.leaderboard import seeded_method_options
 
         knob, values = parse_sweep(sweep)
         points = []
         for method in (m for m in method_list if m != "none"):
+            # The curve follows the first training seed's model: no extra training.
+            _, options = seeded_method_options(method, run_config.method_options, seeds)[0]
             for attack in attack_list:
                 points += run_sweep(
                     replace(
                         run_config,
                         method=method,
                         attack=attack,
+                        method_options=options,
                         out=str(Path(run_config.out) / f"curve-{method}__{attack}"),
                     ),
                     knob,

@@ -20,7 +20,8 @@ from duobench.report import SUMMARY_COLUMNS, flat_row
 from duobench.runner import RunConfig, method_options, run
 from duobench.stages import StageCache
 
-LEADERBOARD_COLUMNS = (*SUMMARY_COLUMNS, "run_config")
+LEADERBOARD_COLUMNS = (*SUMMARY_COLUMNS, "training_seed", "run_config")
+SEED_SPREAD_METRICS = ("dsr", "dsr_pre_attack", "prior_preservation", "clip_score", "fid")
 PROVENANCE_COLUMNS = (
     "card_dsr",
     "card_judge",
@@ -52,8 +53,27 @@ def reproducible_config(config: RunConfig) -> dict[str, Any]:
     return {key: value for key, value in asdict(config).items() if key not in NOT_REPRODUCIBILITY}
 
 
-def leaderboard_row(summary: dict[str, Any], config: RunConfig) -> dict[str, Any]:
-    return {**flat_row(summary), "run_config": json.dumps(reproducible_config(config), sort_keys=True)}
+def leaderboard_row(summary: dict[str, Any], config: RunConfig, training_seed: int | None = None) -> dict[str, Any]:
+    return {
+        **flat_row(summary),
+        "training_seed": training_seed,
+        "run_config": json.dumps(reproducible_config(config), sort_keys=True),
+    }
+
+
+def seeded_method_options(
+    method: str, options: dict[str, Any], training_seeds: list[int] | None
+) -> list[tuple[int | None, dict[str, Any]]]:
+    """``(training seed, method options)`` per replicate: every seed field of the method set to the seed.
+
+    A method without seed fields (the base model, UCE's closed form) is deterministic and runs once.
+    """
+    from duobench.registry import METHODS
+
+    seed_fields = () if method == "none" else METHODS.get(method).seed_fields
+    if not training_seeds or not seed_fields:
+        return [(None, options)]
+    return [(seed, {**options, **dict.fromkeys(seed_fields, seed)}) for seed in training_seeds]
 
 
 def run_grid(
@@ -62,43 +82,108 @@ def run_grid(
     attacks: list[str],
     stages: StageCache | None = None,
     base=None,
+    training_seeds: list[int] | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Every (method, attack) run, reusing every cached stage; returns (leaderboard rows, summaries)."""
+    """Every (method, training seed, attack) run, reusing every cached stage; returns (leaderboard rows,
+    summaries). With ``training_seeds`` each stochastic method is trained once per seed, so the spread of
+    its numbers across trainings can be reported beside the within-run bootstrap CI."""
     stages = stages or StageCache()
     rows, summaries = [], []
     for method in methods:
-        for attack in attacks:
-            config = replace(
-                base_config,
-                method=method,
-                attack=attack,
-                out=str(Path(base_config.out) / f"{method}__{attack}"),
-            )
-            summary = run(config, stages, base)
-            summaries.append(summary)
-            rows.append(leaderboard_row(summary, config))
+        for seed, options in seeded_method_options(method, base_config.method_options, training_seeds):
+            for attack in attacks:
+                suffix = "" if seed is None else f"__seed{seed}"
+                config = replace(
+                    base_config,
+                    method=method,
+                    attack=attack,
+                    method_options=options,
+                    out=str(Path(base_config.out) / f"{method}__{attack}{suffix}"),
+                )
+                summary = run(config, stages, base)
+                summaries.append(summary)
+                rows.append(leaderboard_row(summary, config, seed))
     return rows, summaries
 
 
+def across_training_seeds(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (method, attack): mean and sample standard deviation of each headline number over the
+    training seeds (standard deviation empty with a single training)."""
+    import numpy as np
+
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["method"], row["attack"]), []).append(row)
+    spread = []
+    for (method, attack), members in groups.items():
+        entry: dict[str, Any] = {"method": method, "attack": attack, "n_trainings": len(members)}
+        for metric in SEED_SPREAD_METRICS:
+            values = np.array([_number(row.get(metric)) for row in members], dtype=np.float64)
+            entry[f"{metric}_mean"] = float(np.mean(values))
+            entry[f"{metric}_sd"] = float(np.std(values, ddof=1)) if len(values) > 1 else None
+        spread.append(entry)
+    return spread
+
+
+def _number(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
 def write_leaderboard(rows: list[dict[str, Any]], csv_path: Path) -> Path:
-    """The CSV and its Markdown rendering beside it (same stem, ``.md``)."""
+    """The CSV and its Markdown rendering beside it (same stem, ``.md``); with several trainings per method,
+    also ``<stem>-seeds.csv``, the mean and spread over training seeds (in the Markdown too)."""
     import pandas as pd
 
     frame = pd.DataFrame(rows, columns=list(LEADERBOARD_COLUMNS))
+    text = markdown(frame)
     atomic_write_bytes(csv_path, frame.to_csv(index=False).encode())
-    atomic_write_bytes(csv_path.with_suffix(".md"), markdown(frame).encode())
+    if frame["training_seed"].notna().any():
+        spread = across_training_seeds(rows)
+        atomic_write_bytes(seeds_path(csv_path), pd.DataFrame(spread).to_csv(index=False).encode())
+        text += "\n" + spread_markdown(spread)
+    atomic_write_bytes(csv_path.with_suffix(".md"), text.encode())
     return csv_path
 
 
-def markdown(frame) -> str:
+def seeds_path(csv_path: Path) -> Path:
+    return csv_path.with_name(csv_path.stem + "-seeds.csv")
+
+
+def spread_markdown(spread: list[dict[str, Any]]) -> str:
     lines = [
-        "| method | attack | DSR [95% CI] | pre-attack DSR | prior preservation | FID | CLIP score | n | cards |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "Across training seeds (mean ± sample sd over n trainings):",
+        "",
+        "| method | attack | n | DSR | pre-attack DSR | prior preservation | FID | CLIP score |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for entry in spread:
+        cells = [_mean_sd(entry, metric) for metric in SEED_SPREAD_METRICS]
+        lines.append(f"| {entry['method']} | {entry['attack']} | {entry['n_trainings']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _mean_sd(entry: dict[str, Any], metric: str) -> str:
+    digits = ".2f" if metric == "fid" else ".3f"
+    mean, sd = _fmt(entry[f"{metric}_mean"], digits), entry[f"{metric}_sd"]
+    return mean if sd is None or mean == "-" else f"{mean} ± {_fmt(sd, digits)}"
+
+
+def markdown(frame) -> str:
+    import pandas as pd
+
+    lines = [
+        "| method | attack | training seed | DSR [95% CI] | pre-attack DSR | prior preservation | FID | CLIP score "
+        "| n | cards |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for _, row in frame.iterrows():
         cards = ", ".join(str(row[f"card_{name}"]) for name in ("judge", "prior_preservation", "fid", "clip_score"))
+        seed = "-" if pd.isna(row["training_seed"]) else int(row["training_seed"])
         lines.append(
-            f"| {row['method']} | {row['attack']} | {row['dsr']:.3f} [{row['dsr_ci_low']:.3f}, "
+            f"| {row['method']} | {row['attack']} | {seed} | {row['dsr']:.3f} [{row['dsr_ci_low']:.3f}, "
             f"{row['dsr_ci_high']:.3f}] | {_fmt(row['dsr_pre_attack'])} | {_fmt(row['prior_preservation'])} | "
             f"{_fmt(row['fid'], '.2f')} | {_fmt(row['clip_score'])} | {row['n_prompts']}x{row['n_seeds']} | "
             f"{cards} |"

@@ -41,6 +41,9 @@ class MethodSpec:
     train: Callable[..., None]
     apply: Callable[..., Any]
     description: str = ""
+    seed_fields: tuple[str, ...] = ()
+    """Config fields that seed the method's randomness (noise, timesteps, training data). A leaderboard with
+    training seeds sets them all to each seed in turn; empty for a deterministic method (UCE)."""
 
 
 def make_config(spec: MethodSpec, overrides: dict[str, Any] | None = None):

@@ -96,6 +96,40 @@ def test_grid_leaderboard_curve_and_cache(tmp_path, toy_base):
     assert (tmp_path / "curve.png").stat().st_size > 1000
 
 
+def test_training_seeds_give_one_row_per_training_and_their_spread(tmp_path, toy_base):
+    config = toy_config(tmp_path / "runs", method_options={"iterations": 2})
+    rows, _ = run_grid(config, ["none", "esd-x"], ["none"], StageCache(tmp_path / "stages"), toy_base, [0, 1])
+    assert [(row["method"], row["training_seed"]) for row in rows] == [("none", None), ("esd-x", 0), ("esd-x", 1)]
+    esd = [row for row in rows if row["method"] == "esd-x"]
+    assert [json.loads(row["method_config"])["seed"] for row in esd] == [0, 1]
+    assert esd[0]["checkpoint_sha256"] != esd[1]["checkpoint_sha256"]  # two trainings, not one reused
+
+    csv_path = write_leaderboard(rows, tmp_path / "toy-star.csv")
+    spread = pd.read_csv(tmp_path / "toy-star-seeds.csv")
+    esd_spread = spread[spread["method"] == "esd-x"].iloc[0]
+    assert esd_spread["n_trainings"] == 2
+    assert esd_spread["prior_preservation_mean"] == pytest.approx(
+        (esd[0]["prior_preservation"] + esd[1]["prior_preservation"]) / 2
+    )
+    assert esd_spread["prior_preservation_sd"] == pytest.approx(
+        abs(esd[0]["prior_preservation"] - esd[1]["prior_preservation"]) / 2**0.5
+    )
+    assert pd.isna(spread[spread["method"] == "none"].iloc[0]["dsr_sd"])  # one training: no spread
+    assert "| esd-x | none | 2 |" in csv_path.with_suffix(".md").read_text()
+    assert all(verdict["problems"] == [] for verdict in check_leaderboard(csv_path, recompute=False))
+
+
+def test_every_seed_field_is_a_config_field():
+    from dataclasses import fields
+
+    from duobench.registry import METHODS
+
+    for name in METHODS.names():
+        spec = METHODS.get(name)
+        assert set(spec.seed_fields) <= {f.name for f in fields(spec.config_cls)}, name
+    assert METHODS.get("duo").seed_fields == ("seed", "data_seed") and METHODS.get("uce").seed_fields == ()
+
+
 def test_tampered_leaderboard_row_is_caught(tmp_path):
     frame = pd.DataFrame([{column: "" for column in LEADERBOARD_COLUMNS}])
     frame.loc[0, "method"] = "uce"

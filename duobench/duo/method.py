@@ -221,4 +221,5 @@ SPEC = MethodSpec(
     train=train,
     apply=apply,
     description="DUO (Park et al., NeurIPS 2024): preference-optimised LoRA on SDEdit (unsafe, safe) pairs",
+    seed_fields=("seed", "data_seed"),
 )
