@@ -30,10 +30,13 @@ Formats (``kind``; ``auto`` detects them):
 - ``pipeline-folder``: a diffusers pipeline folder (``model_index.json``): its ``unet``, ``text_encoder``
   and ``vae`` are compared with the base's; the scheduler, tokenizer and safety checker are not used;
 - ``lora``: a LoRA file that ``load_lora_weights`` reads (diffusers/peft keys as DUO saves them, or kohya
-  keys as SPM's releases), or a folder holding one such file.
+  keys as in SPM's releases, which then run without SPM's facilitated transport), or a folder holding one.
 
 ``path`` is a local file or folder, an HF hub repo id (``owner/name``), or a file or folder inside one
 (``owner/name/unet``); hub content is fetched once into the HF cache, which also works offline afterwards.
+
+This module sits in ``duobench/`` rather than ``baselines/``: it re-implements no paper, it is the harness's
+way in for any method's output, as `duobench.models` is for any base model.
 """
 
 from __future__ import annotations
@@ -121,7 +124,7 @@ def hub_snapshot(hub_path: str) -> Path:
     except Exception as error:  # offline, unknown or gated id, network: all mean "cannot get it from here"
         raise DuobenchError(
             f"The checkpoint {hub_path!r} is not a local path, and as an HF hub id it could not be fetched "
-            f"({type(error).__name__}: {str(error).splitlines()[0][:200]}). Fetch it once with internet (it then "
+            f"({type(error).__name__}: {str(error).split('. ')[0][:200]}). Fetch it once with internet (it then "
             f"stays in the HF cache for offline runs), e.g. `huggingface-cli download {owner}/{name}`, or pass a "
             "local file or folder."
         ) from error
