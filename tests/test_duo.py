@@ -25,13 +25,14 @@ from duobench.duo.loss import (
     lora_attached,
     train_lora,
 )
-from duobench.duo.method import PAPER_SETTINGS, SPEC, DuoConfig, apply
+from duobench.duo.method import SPEC, DuoConfig, apply
 from duobench.duo.pairs import build_pair_set, recipe_rows, sub_concepts
 from duobench.errors import DuobenchError
 from duobench.methods import config_key, make_config, read_card, train_or_load
 from duobench.metrics.base import MetricCard, Verdict
 from duobench.models import pipeline_fingerprint
 from duobench.registry import METHODS
+from duobench.runner import method_options
 
 TINY_GENERATION = {"steps": 2, "height": 32, "width": 32, "guidance": 7.5, "scheduler": "pndm"}
 
@@ -285,7 +286,9 @@ def test_concepts_recipes_and_configs():
     assert sweep[250] != sweep[500]  # a β sweep is several cached artifacts
     # CLI/YAML text and ints are coerced, so they name the same artifact as the typed defaults.
     assert config_key("duo", make_config(SPEC, {"beta": 500, "base_lr": "3e-4"}), nudity, "base") == sweep[500]
-    assert make_config(SPEC, PAPER_SETTINGS["violence"]).steps == 500
+    violence_duo = make_config(SPEC, method_options(violence, "duo", {}))
+    assert (violence_duo.beta, violence_duo.steps) == (1000.0, 500)  # the official violence script
+    assert make_config(SPEC, method_options(nudity, "duo", {})) == DuoConfig()
     with pytest.raises(DuobenchError, match="beta must be > 0"):
         DuoConfig(beta=0)
 

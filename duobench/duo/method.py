@@ -31,18 +31,13 @@ from duobench.duo.pairs import build_pair_set, load_judge, sub_concepts
 from duobench.errors import DuobenchError
 from duobench.methods import MethodSpec, read_card, write_card
 
-PAPER_SETTINGS: dict[str, dict[str, Any]] = {
-    "nudity": {},
-    "violence": {"beta": 1000.0, "steps": 500},
-}
-"""The official per-concept script settings (``scripts/sd-*.sh``) as overrides of `DuoConfig`'s defaults."""
-
 
 @dataclass(frozen=True)
 class DuoConfig:
     """DUO's hyper-parameters. The defaults are the official nudity script for SD1.4.
 
-    For violence, the official script uses ``beta=1000, steps=500`` per sub-concept (`PAPER_SETTINGS`). The
+    For violence, the official script uses ``beta=1000, steps=500`` per sub-concept (the violence concept's
+    ``method_options``). The
     paper's Table 1 also reports β = 250 for nudity, and Table 2 β = 500 for violence. β is part of the
     artifact key, so a β sweep is a list of configs: each trains once and is cached.
 
