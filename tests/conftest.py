@@ -23,3 +23,19 @@ def tiny_pipe():
     from duobench.models import load_pipeline
 
     return load_pipeline("tiny-random", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def concept():
+    """A minimal concept for method tests on tiny pipelines: erase "a red star", preserve "a blue circle"."""
+    from duobench.concepts import Concept, PromptSetSpec
+
+    return Concept(
+        name="star",
+        description="test concept",
+        erase_prompt="a red star",
+        judge="none",
+        prompt_sets={},
+        benign_prompts=PromptSetSpec(source="inline"),
+        preserve_prompts=("a blue circle",),
+    )

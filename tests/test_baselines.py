@@ -9,7 +9,6 @@ import torch
 
 from duobench.baselines import esd, spm, uce
 from duobench.baselines.rollout import predict_noise
-from duobench.concepts import Concept, PromptSetSpec
 from duobench.engine import encode_token_ids, tokenize
 from duobench.errors import DuobenchError
 from duobench.methods import read_card, train_or_load
@@ -20,19 +19,6 @@ from duobench.registry import METHODS
 @pytest.fixture(scope="module")
 def base_pipe():
     return tiny_random_pipeline()
-
-
-@pytest.fixture
-def concept():
-    return Concept(
-        name="star",
-        description="test concept",
-        erase_prompt="a red star",
-        judge="none",
-        prompt_sets={},
-        benign_prompts=PromptSetSpec(source="inline"),
-        preserve_prompts=("a blue circle",),
-    )
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from duobench.concepts import Concept, PromptSetSpec
 from duobench.errors import DuobenchError
 from duobench.external import EXTERNAL, ExternalConfig
 from duobench.methods import config_key, make_config, read_card, train_or_load
@@ -22,19 +21,6 @@ from duobench.registry import METHODS
 @pytest.fixture(scope="module")
 def base_pipe():
     return tiny_random_pipeline()
-
-
-@pytest.fixture(scope="module")
-def concept():
-    return Concept(
-        name="star",
-        description="test concept",
-        erase_prompt="a red star",
-        judge="none",
-        prompt_sets={},
-        benign_prompts=PromptSetSpec(source="inline"),
-        preserve_prompts=("a blue circle",),
-    )
 
 
 @pytest.fixture(scope="module")
