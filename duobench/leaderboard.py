@@ -21,7 +21,8 @@ from duobench.runner import RunConfig, method_options, run
 from duobench.stages import StageCache
 
 LEADERBOARD_COLUMNS = (*SUMMARY_COLUMNS, "training_seed", "run_config")
-SEED_SPREAD_METRICS = ("dsr", "dsr_pre_attack", "prior_preservation", "clip_score", "fid")
+SEED_SPREAD_METRICS = ("dsr", "dsr_pre_attack", "prior_preservation", "fid", "clip_score")
+"""In the order of the Markdown spread table's columns."""
 PROVENANCE_COLUMNS = (
     "card_dsr",
     "card_judge",
