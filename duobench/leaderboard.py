@@ -3,7 +3,8 @@
 Every row carries what is needed to reproduce it: the metric card ids, n prompts x seeds, the method's
 config, the checkpoint's sha256, the duobench version, the git commit and the full run configuration
 (``run_config``). ``duobench leaderboard --check FILE`` verifies those columns and re-computes every row
-whose artifacts are present (with every stage cached, a row re-computes in seconds).
+whose method artifact is present: images come from the content-addressed store (or are generated), and
+every judge and metric is computed again from them, not read from the stage cache.
 """
 
 from __future__ import annotations
@@ -233,7 +234,12 @@ def provenance_problems(row: dict[str, Any]) -> list[str]:
 def check_leaderboard(
     csv_path: Path, recompute: bool = True, tolerance: float = 1e-6, stages: StageCache | None = None
 ) -> list[dict[str, Any]]:
-    """One verdict per row: provenance problems, and whether the re-computed numbers match."""
+    """One verdict per row: provenance problems, and whether the re-computed numbers match.
+
+    ``stages`` defaults to an empty cache of this check's own, so judging and metrics really run again.
+    """
+    import tempfile
+
     import pandas as pd
 
     if not csv_path.exists():
@@ -242,6 +248,7 @@ def check_leaderboard(
     missing = [column for column in LEADERBOARD_COLUMNS if column not in frame.columns]
     if missing:
         raise DuobenchError(f"{csv_path} lacks the columns {', '.join(missing)}; it is not a duobench leaderboard.")
+    stages = stages or StageCache(Path(tempfile.mkdtemp(prefix="duobench-check-stages-")))
     verdicts = []
     for _, series in frame.iterrows():
         row = series.to_dict()
@@ -258,7 +265,7 @@ def check_leaderboard(
     return verdicts
 
 
-def _recompute(row: dict[str, Any], tolerance: float, stages: StageCache | None) -> dict[str, Any]:
+def _recompute(row: dict[str, Any], tolerance: float, stages: StageCache) -> dict[str, Any]:
     """Re-run a row if its method artifact is present (never trains: a check must not cost GPU hours)."""
     known = {f.name for f in fields(RunConfig)}
     config = RunConfig(**{k: v for k, v in json.loads(row["run_config"]).items() if k in known})

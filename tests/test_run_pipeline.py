@@ -84,9 +84,12 @@ def test_grid_leaderboard_curve_and_cache(tmp_path, toy_base):
     assert again.misses.total() == 0 and again.hits.total() > 0
     assert [s["dsr"] for s in second] == [s["dsr"] for s in summaries]
 
-    # The published CSV checks out: provenance complete and every row re-computes to the same numbers.
-    verdicts = check_leaderboard(csv_path, stages=again)
+    # The published CSV checks out: provenance complete and every row's judge and metrics, computed again
+    # from the stored images (not read from the stage cache), give the same numbers.
+    check_stages = StageCache(tmp_path / "check-stages")
+    verdicts = check_leaderboard(csv_path, stages=check_stages)
     assert all(v["problems"] == [] and v["recomputed"] and v["matches"] for v in verdicts)
+    assert check_stages.misses["judge"] == 4
 
     # A curve: strength sweep of UCE under Ring-A-Bell, written as CSV and PNG.
     points = sweep(replace(config, method="uce", attack="ring-a-bell"), "strength", [0.0, 1.0], again, base=toy_base)
