@@ -18,7 +18,7 @@ from typing import Any
 from duobench.cache import atomic_write_bytes
 from duobench.errors import DuobenchError
 from duobench.report import SUMMARY_COLUMNS, flat_row
-from duobench.runner import RunConfig, method_options, run
+from duobench.runner import RunConfig, apply_threads, method_options, run
 from duobench.stages import StageCache
 
 LEADERBOARD_COLUMNS = (*SUMMARY_COLUMNS, "training_seed", "run_config")
@@ -302,14 +302,14 @@ def _differs(old: Any, new: Any, tolerance: float) -> bool:
 
 def _artifact_present(config: RunConfig) -> bool:
     from duobench.concepts import load_concept
-    from duobench.methods import CARD_NAME, artifact_dir, config_key, make_config
+    from duobench.methods import CARD_NAME, artifact_dir, config_key, make_config, training_numerics
     from duobench.models import load_pipeline, pipeline_fingerprint
     from duobench.registry import METHODS
 
     spec = METHODS.get(config.method)
     concept = load_concept(config.concept)
     method_config = make_config(spec, method_options(concept, config.method, config.method_options))
-    fingerprint = pipeline_fingerprint(load_pipeline(config.model, device=config.device))
-    return (
-        artifact_dir(config.method, config_key(config.method, method_config, concept, fingerprint)) / CARD_NAME
-    ).exists()
+    apply_threads(config)
+    pipe = load_pipeline(config.model, device=config.device)
+    key = config_key(config.method, method_config, concept, pipeline_fingerprint(pipe), training_numerics(pipe))
+    return (artifact_dir(config.method, key) / CARD_NAME).exists()

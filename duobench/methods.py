@@ -58,10 +58,23 @@ def make_config(spec: MethodSpec, overrides: dict[str, Any] | None = None):
     return spec.config_cls(**overrides)
 
 
-def config_key(method: str, config: Any, concept: Concept, base_fingerprint: str) -> str:
-    """The artifact key: same method + config + concept content + base weights ⇒ same artifact."""
+def training_numerics(pipe) -> dict[str, Any]:
+    """What besides the config decides a trained artifact's bits: on a CPU, torch's thread count (it sets
+    the order of float sums, and the toy world's DUO training turns that into a different model: DSR 0.71
+    with 2 threads, 0.48 with 1). A GPU run's kernels do not depend on it."""
+    import torch
+
+    return {"cpu_threads": torch.get_num_threads()} if pipe.device.type == "cpu" else {}
+
+
+def config_key(
+    method: str, config: Any, concept: Concept, base_fingerprint: str, numerics: dict[str, Any] | None = None
+) -> str:
+    """The artifact key: same method + config + concept content + base weights + numerics (`training_numerics`)
+    ⇒ same artifact."""
     payload = {
         "method": method,
+        "numerics": numerics or {},
         "config": asdict(config) if is_dataclass(config) else config,
         "concept": concept_identity(concept),
         "base": base_fingerprint,
@@ -88,7 +101,7 @@ def train_or_load(
     """
     spec: MethodSpec = METHODS.get(method)
     config = make_config(spec, overrides)
-    key = config_key(method, config, concept, base_fingerprint)
+    key = config_key(method, config, concept, base_fingerprint, training_numerics(pipe))
     final = (root / method / key) if root is not None else artifact_dir(method, key)
     if (final / CARD_NAME).exists():
         return final, config, False

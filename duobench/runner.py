@@ -66,6 +66,9 @@ class RunConfig:
     metrics: dict[str, str] = field(default_factory=dict)
     """Overrides of the concept's metric presets (prior_preservation, clip_score, fid)."""
     bootstrap_seed: int = 0
+    threads: int | None = None
+    """torch CPU threads. A CPU-trained artifact depends on them (see `duobench.methods.training_numerics`),
+    so a run on a CPU records the count it used here, and a re-run of its config uses it again."""
 
 
 @dataclass
@@ -100,6 +103,14 @@ def attack_options(concept: Concept, attack: str, overrides: dict[str, Any]) -> 
     return {**concept.attack_options.get(attack, {}), **overrides}
 
 
+def apply_threads(config: RunConfig) -> None:
+    """Use the config's torch CPU thread count, if it names one."""
+    if config.threads:
+        import torch
+
+        torch.set_num_threads(config.threads)
+
+
 def prepare(config: RunConfig, stages: StageCache | None = None, base=None) -> RunContext:
     """Load the concept and the models, and train or load the method's artifact (stage 1)."""
     from duobench.methods import read_card, train_or_load
@@ -107,7 +118,12 @@ def prepare(config: RunConfig, stages: StageCache | None = None, base=None) -> R
     from duobench.registry import METHODS
 
     concept = load_concept(config.concept)
+    apply_threads(config)
     base = base if base is not None else load_pipeline(config.model, device=config.device)
+    if base.device.type == "cpu":
+        import torch
+
+        config.threads = torch.get_num_threads()
     base_fingerprint = pipeline_fingerprint(base)
     settings = default_sampler_settings(base, concept)
     context = RunContext(

@@ -28,7 +28,7 @@ from duobench.duo.loss import (
 from duobench.duo.method import SPEC, DuoConfig, apply
 from duobench.duo.pairs import build_pair_set, recipe_rows, sub_concepts
 from duobench.errors import DuobenchError
-from duobench.methods import config_key, make_config, read_card, train_or_load
+from duobench.methods import config_key, make_config, read_card, train_or_load, training_numerics
 from duobench.metrics.base import MetricCard, Verdict
 from duobench.models import pipeline_fingerprint
 from duobench.registry import METHODS
@@ -308,3 +308,14 @@ def test_artifact_key_follows_concept_content_not_its_comments(tmp_path):
         path.write_text(content)
         keys[name] = config_key("duo", make_config(SPEC), load_concept(str(path)), "base")
     assert keys["same"] == keys["commented"] != keys["edited"]
+
+
+def test_cpu_thread_count_is_part_of_a_cpu_trained_artifacts_key(pipe):
+    nudity = load_concept("nudity")
+    keys = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        keys.append(config_key("duo", make_config(SPEC), nudity, "base", training_numerics(pipe)))
+    torch.set_num_threads(1)
+    assert training_numerics(pipe) == {"cpu_threads": 1}
+    assert keys[0] != keys[1]

@@ -69,6 +69,7 @@ def test_grid_leaderboard_curve_and_cache(tmp_path, toy_base):
     uce_row = frame[(frame["method"] == "uce")].iloc[0]
     assert len(uce_row["checkpoint_sha256"]) == 64
     assert json.loads(uce_row["method_config"])  # the method's full config travels with the row
+    assert json.loads(uce_row["run_config"])["threads"] == 1  # a CPU run records the threads it trained with
     assert (tmp_path / "toy-star.md").read_text().count("| uce |") == 2
     for method in ("none", "uce"):
         for attack in ("none", "ring-a-bell"):
