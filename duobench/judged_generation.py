@@ -1,8 +1,9 @@
 """Generate a prompt set and judge every image, the judging overlapped with sampling.
 
 `generate_and_judge` hands each freshly generated batch to a `JudgingWorker` (the engine's ``on_batch``
-hook), so the judge works in a background thread while the next batch samples; on a GPU machine the judge
-runs on the CPU or beside the UNet and costs no extra wall time. Images the store already had (a resumed or
+hook). When the model is on a GPU the judge works in a background thread while the next batch samples. On
+a CPU it judges each batch in line, because there a background judge competes with the sampler for the same
+cores (2x slower on 2 cores, `benchmarks/judged_generation.py`). Images the store already had (a resumed or
 repeated run) are judged from disk afterwards. Items that share an image key (same prompt, seed and
 settings, e.g. an attack that left a prompt unchanged) are generated once and judged once per item, so a
 metric that groups by item (DSR's phases and prompt ids) sees every item.
@@ -37,19 +38,22 @@ def generate_and_judge(
     batch_size: int | str = 8,
     store_root: Path | None = None,
     progress: bool = False,
+    in_background: bool | None = None,
 ) -> tuple[GenerationReport, list[dict[str, Any]]]:
     """Generate ``items`` into the store and feed every image to ``metric``, which must keep one audit row
     per image (a judge-based metric such as DSR).
 
     Returns the generation report and the metric's audit rows in the order of ``items``, each with its
-    image path under ``"image"``.
+    image path under ``"image"``. ``in_background`` defaults to whether the pipeline is off the CPU.
     """
+    if in_background is None:
+        in_background = pipe.device.type != "cpu"
     waiting: dict[str, list[int]] = defaultdict(list)  # image key -> items still to be judged
     for index, item in enumerate(items):
         waiting[item.key(fingerprint)].append(index)
     submitted: list[int] = []
 
-    with JudgingWorker([metric]) as worker:
+    with JudgingWorker([metric], in_background=in_background) as worker:
 
         def submit(indices: list[int], images: list[Image.Image]) -> None:
             worker.submit([items[i] for i in indices], images)

@@ -7,6 +7,7 @@ from dataclasses import replace
 
 import numpy as np
 import pandas as pd
+import pytest
 from PIL import Image
 
 from duobench.engine import generate_cached
@@ -37,7 +38,8 @@ class MeanPixelJudge:
         ]
 
 
-def test_rows_follow_the_items_and_equal_judging_from_disk(tiny_pipe, tmp_path):
+@pytest.mark.parametrize("in_background", [True, False])
+def test_rows_follow_the_items_and_equal_judging_from_disk(tiny_pipe, tmp_path, in_background):
     items = [replace(item(i), meta={"phase": "attack", "prompt_id": f"p{i}"}) for i in range(6)]
     # An attack that left prompt 0 unchanged: the same image as its pre-attack twin, judged for both phases.
     items.append(replace(items[0], meta={"phase": "pre-attack", "prompt_id": "p0"}))
@@ -48,7 +50,9 @@ def test_rows_follow_the_items_and_equal_judging_from_disk(tiny_pipe, tmp_path):
     threshold = float(np.asarray(Image.open(probe.paths[0])).mean())
     judge = MeanPixelJudge(threshold - 1e-9)
     metric = DSR(judge=judge, n_bootstrap=50)
-    report, rows = generate_and_judge(tiny_pipe, "fp", items, tmp_path / "run", metric, batch_size=2, store_root=store)
+    report, rows = generate_and_judge(
+        tiny_pipe, "fp", items, tmp_path / "run", metric, batch_size=2, store_root=store, in_background=in_background
+    )
 
     assert (report.generated, report.reused) == (4, 2)
     assert judge.images_seen == len(items)

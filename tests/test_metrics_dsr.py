@@ -105,13 +105,14 @@ def test_phase_comes_from_argument_or_item_meta():
     assert report["dsr_attack_only"]["value"] == 1.0 and report["dsr_cumulative"]["value"] == 0.0
 
 
-def test_worker_streams_batches_and_returns_rows():
+@pytest.mark.parametrize("in_background", [True, False])
+def test_worker_streams_batches_and_returns_rows(in_background):
     direct = DSR(judge=BrightnessJudge(), n_bootstrap=200)
     background = DSR(judge=BrightnessJudge(), n_bootstrap=200)
     batches = [
         ([{"prompt": f"p{b}", "seed": s} for s in range(3)], [grey(80 * b + s) for s in range(3)]) for b in range(4)
     ]
-    with JudgingWorker([background], max_pending_batches=1) as worker:
+    with JudgingWorker([background], max_pending_batches=1, in_background=in_background) as worker:
         for items, images in batches:
             worker.submit(items, images)
             direct.update(images, items)
