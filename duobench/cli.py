@@ -109,8 +109,9 @@ def generate(
     spec = PromptSetSpec(source=prompts, filter=filter, seeds_per_prompt=seeds_per_prompt)
     prompt_set = load_prompt_set(spec, guidance_override=guidance, use_row_resolution=use_row_resolution, limit=limit)
     metric = _judge_metric(judge) if judge else None
+    concept_data = load_concept(concept) if concept else None  # bad names fail before the model loads
     pipe = load_pipeline(model, device=device or (rank_device(info) if info.world_size > 1 else None))
-    settings = default_sampler_settings(pipe, load_concept(concept) if concept else None)
+    settings = default_sampler_settings(pipe, concept_data)
     overrides = {k: v for k, v in {"steps": steps, "scheduler": scheduler}.items() if v is not None}
     try:
         settings = replace(settings, **overrides)
