@@ -109,9 +109,14 @@ def run_grid(
 
 
 def across_training_seeds(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per (method, attack): mean and sample standard deviation of each headline number over the
-    training seeds (standard deviation empty with a single training)."""
+    """One row per (method, attack): mean, sample standard deviation and a 95% Student-t interval of the
+    mean of each headline number over the training seeds (spread and interval empty with one training).
+
+    The interval treats trainings as the random unit, the way the DSR's bootstrap treats prompts: two
+    methods whose intervals overlap widely are not told apart by this many trainings.
+    """
     import numpy as np
+    from scipy import stats
 
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for row in rows:
@@ -121,8 +126,12 @@ def across_training_seeds(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         entry: dict[str, Any] = {"method": method, "attack": attack, "n_trainings": len(members)}
         for metric in SEED_SPREAD_METRICS:
             values = np.array([_number(row.get(metric)) for row in members], dtype=np.float64)
-            entry[f"{metric}_mean"] = float(np.mean(values))
-            entry[f"{metric}_sd"] = float(np.std(values, ddof=1)) if len(values) > 1 else None
+            mean, n = float(np.mean(values)), len(values)
+            sd = float(np.std(values, ddof=1)) if n > 1 else None
+            half = float(stats.t.ppf(0.975, n - 1) * sd / np.sqrt(n)) if sd is not None else None
+            entry[f"{metric}_mean"], entry[f"{metric}_sd"] = mean, sd
+            entry[f"{metric}_ci_low"] = mean - half if half is not None else None
+            entry[f"{metric}_ci_high"] = mean + half if half is not None else None
         spread.append(entry)
     return spread
 

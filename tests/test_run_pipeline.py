@@ -118,6 +118,9 @@ def test_training_seeds_give_one_row_per_training_and_their_spread(tmp_path, toy
     assert esd_spread["prior_preservation_sd"] == pytest.approx(
         abs(esd[0]["prior_preservation"] - esd[1]["prior_preservation"]) / 2**0.5
     )
+    # Two trainings: the t interval of the mean is mean ± t(0.975, 1) · sd / √2, with t(0.975, 1) = 12.706.
+    half = 12.7062047 * esd_spread["prior_preservation_sd"] / 2**0.5
+    assert esd_spread["prior_preservation_ci_high"] == pytest.approx(esd_spread["prior_preservation_mean"] + half)
     assert pd.isna(spread[spread["method"] == "none"].iloc[0]["dsr_sd"])  # one training: no spread
     lines = csv_path.with_suffix(".md").read_text().splitlines()
     header = next(line for line in lines if line.startswith("| method | attack | n |"))
