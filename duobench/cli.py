@@ -466,13 +466,25 @@ def validate(
     attack: str | None = typer.Option(None, help=RUN_HELP["attack"]),
     concept: str | None = typer.Option(None, help="Concept name or YAML file."),
     model: str | None = typer.Option(None, help="Model."),
+    method_opt: list[str] | None = typer.Option(None, help="Method option key=value (repeatable)."),
+    attack_opt: list[str] | None = typer.Option(None, help="Attack option key=value (repeatable)."),
     config: Path | None = typer.Option(None, "--config", help="YAML file with run options."),
 ) -> None:
     """Check a run configuration in seconds (model reachable, concept valid, prompts readable, metric weights
     present) before hours of GPU time are spent."""
     from duobench.validate import validate_run
 
-    run_config, _ = resolve_run_config(config, {"method": method, "attack": attack, "concept": concept, "model": model})
+    run_config, _ = resolve_run_config(
+        config,
+        {
+            "method": method,
+            "attack": attack,
+            "concept": concept,
+            "model": model,
+            "method_options": parse_options(method_opt),
+            "attack_options": parse_options(attack_opt),
+        },
+    )
     checks = validate_run(run_config)
     table = Table(title="duobench validate")
     for column in ("check", "status", "detail"):

@@ -47,7 +47,12 @@ class MethodSpec:
 
 
 def make_config(spec: MethodSpec, overrides: dict[str, Any] | None = None):
-    """Build ``spec.config_cls`` from defaults plus ``overrides``, rejecting unknown keys by name."""
+    """Build ``spec.config_cls`` from defaults plus ``overrides``, rejecting unknown keys by name.
+
+    Options arrive as YAML/CLI text ("3e-4" is a string to YAML 1.1, 500 an int), so a numeric option is
+    coerced to its default's type; that also gives beta=500 and beta=500.0 the same artifact key. A value
+    the config itself rejects becomes a `DuobenchError` naming the method.
+    """
     overrides = dict(overrides or {})
     known = {f.name: f for f in fields(spec.config_cls)}
     unknown = sorted(set(overrides) - set(known))
@@ -55,7 +60,26 @@ def make_config(spec: MethodSpec, overrides: dict[str, Any] | None = None):
         raise DuobenchError(
             f"Method {spec.name!r} has no option(s) {', '.join(unknown)}. Its options: {', '.join(sorted(known))}."
         )
-    return spec.config_cls(**overrides)
+    for name, value in overrides.items():
+        default = known[name].default
+        if isinstance(default, int | float) and not isinstance(default, bool):
+            overrides[name] = _number(spec.name, name, value, type(default))
+    try:
+        return spec.config_cls(**overrides)
+    except (TypeError, ValueError) as error:
+        raise DuobenchError(f"Bad options for method {spec.name!r}: {error}") from error
+
+
+def _number(method: str, name: str, value: Any, kind: type) -> int | float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise DuobenchError(f"Method {method!r} option {name} must be a number, got {value!r}.") from None
+    if kind is int:
+        if not number.is_integer():
+            raise DuobenchError(f"Method {method!r} option {name} must be a whole number, got {value!r}.")
+        return int(number)
+    return number
 
 
 def training_numerics(pipe) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from duobench.errors import DuobenchError
-from duobench.runner import RunConfig, metric_presets
+from duobench.runner import RunConfig, attack_options, method_options, metric_presets
 
 
 @dataclass
@@ -95,6 +95,8 @@ def validate_run(config: RunConfig) -> list[Check]:
             )
         )
     checks.append(_check("benign prompts", lambda: f"{len(load_prompt_set(concept.benign_prompts))} rows"))
+    checks.append(_check("method options", lambda: _method_config(config, concept)))
+    checks.append(_check("attack options", lambda: _attack_config(config, concept)))
     presets = {"judge": concept.judge, **metric_presets(concept, config)}
     for role, preset in presets.items():
 
@@ -105,3 +107,24 @@ def validate_run(config: RunConfig) -> list[Check]:
 
         checks.append(_check(f"{role} weights", build))
     return checks
+
+
+def _method_config(config: RunConfig, concept) -> str:
+    """Build the method's config as a run would (concept defaults under the user's options): unknown or
+    invalid options, and a missing checkpoint for ``external``, fail here instead of after the model loads."""
+    from duobench.methods import make_config
+    from duobench.registry import METHODS
+
+    if config.method == "none":
+        return "no method"
+    options = method_options(concept, config.method, config.method_options)
+    make_config(METHODS.get(config.method), options)
+    return f"{config.method} with {options or 'its defaults'}"
+
+
+def _attack_config(config: RunConfig, concept) -> str:
+    from duobench.attacks.run import make_attack
+
+    options = attack_options(concept, config.attack, config.attack_options)
+    make_attack(config.attack, options)
+    return f"{config.attack} with {options or 'its defaults'}"

@@ -11,7 +11,7 @@ from duobench.baselines import esd, spm, uce
 from duobench.baselines.rollout import predict_noise
 from duobench.engine import encode_token_ids, tokenize
 from duobench.errors import DuobenchError
-from duobench.methods import read_card, train_or_load
+from duobench.methods import make_config, read_card, train_or_load
 from duobench.models import tiny_random_pipeline
 from duobench.registry import METHODS
 
@@ -291,3 +291,13 @@ def test_train_or_load_trains_once(base_pipe, concept, tmp_path):
     assert again == artifact and not trained_again
     with pytest.raises(DuobenchError, match="no option"):
         train_or_load("uce", base_pipe, concept, "base", {"not_an_option": 1}, root=tmp_path)
+
+
+def test_method_options_from_text_are_coerced_or_refused_by_name():
+    assert make_config(spm.SPM, {"lr": "5e-2", "iterations": "300"}) == make_config(
+        spm.SPM, {"lr": 0.05, "iterations": 300}
+    )
+    with pytest.raises(DuobenchError, match="'spm' option lr must be a number, got 'abc'"):
+        make_config(spm.SPM, {"lr": "abc"})
+    with pytest.raises(DuobenchError, match="'esd-x' option iterations must be a whole number"):
+        make_config(esd.ESD_X, {"iterations": 2.5})

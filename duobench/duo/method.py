@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from duobench.concepts import Concept
 from duobench.duo.loss import (
@@ -71,13 +70,6 @@ class DuoConfig:
     """``auto`` follows the UNet's dtype (fp16: autocast with an fp32 LoRA, as official); or no/fp16/bf16."""
 
     def __post_init__(self) -> None:
-        # Options arrive from YAML/CLI text ("3e-4" is a string to YAML 1.1, 500 an int): coerce them to the
-        # field's type, which also gives beta=500 and beta=500.0 the same artifact key.
-        for option in fields(self):
-            if isinstance(option.default, int | float) and not isinstance(option.default, bool):
-                object.__setattr__(
-                    self, option.name, _number(option.name, getattr(self, option.name), type(option.default))
-                )
         problems = []
         if self.beta <= 0:
             problems.append(f"beta must be > 0 (got {self.beta})")
@@ -99,18 +91,6 @@ class DuoConfig:
             problems.append(f"mixed_precision must be auto, no, fp16 or bf16 (got {self.mixed_precision!r})")
         if problems:
             raise DuobenchError("Bad DUO config: " + "; ".join(problems) + ".")
-
-
-def _number(name: str, value: Any, kind: type) -> int | float:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise DuobenchError(f"DUO option {name} must be a number, got {value!r}.") from None
-    if kind is int:
-        if not number.is_integer():
-            raise DuobenchError(f"DUO option {name} must be a whole number, got {value!r}.")
-        return int(number)
-    return number
 
 
 def train(config: DuoConfig, pipe, concept: Concept, out_dir: Path) -> None:
