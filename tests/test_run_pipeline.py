@@ -13,11 +13,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from duobench.cli import resolve_run_config
 from duobench.curves import sweep, write_curve
 from duobench.leaderboard import (
     LEADERBOARD_COLUMNS,
     check_leaderboard,
     provenance_problems,
+    reproducible_config,
     run_grid,
     write_leaderboard,
 )
@@ -70,6 +72,10 @@ def test_grid_leaderboard_curve_and_cache(tmp_path, toy_base):
     assert len(uce_row["checkpoint_sha256"]) == 64
     assert json.loads(uce_row["method_config"])  # the method's full config travels with the row
     assert json.loads(uce_row["run_config"])["threads"] == 1  # a CPU run records the threads it trained with
+    # A row's run_config, saved as a file, is a `duobench run --config` file that re-creates the run.
+    (tmp_path / "row.json").write_text(uce_row["run_config"])
+    rerun_config, _ = resolve_run_config(tmp_path / "row.json", {"out": str(tmp_path / "rerun")})
+    assert reproducible_config(rerun_config) == json.loads(uce_row["run_config"])
     assert (tmp_path / "toy-star.md").read_text().count("| uce |") == 2
     for method in ("none", "uce"):
         for attack in ("none", "ring-a-bell"):
