@@ -99,3 +99,17 @@ def test_auto_batch_size_halves_on_out_of_memory(tiny_pipe, monkeypatch):
     produced = sum(len(images) for _, images in generate(tiny_pipe, [item(i) for i in range(10)], "auto"))
     assert produced == 10
     assert calls[:3] == [10, 8, 4]
+
+
+def test_a_concepts_generation_block_overrides_the_model_defaults(tiny_pipe):
+    from dataclasses import replace
+
+    from duobench.concepts import load_concept
+    from duobench.models import default_sampler_settings
+
+    star = load_concept("star")
+    assert default_sampler_settings(tiny_pipe).scheduler == "pndm"
+    settings = default_sampler_settings(tiny_pipe, star)
+    assert (settings.steps, settings.scheduler, settings.height, settings.guidance) == (20, "ddim", 32, 7.5)
+    with pytest.raises(DuobenchError, match="'star' has bad generation settings"):
+        default_sampler_settings(tiny_pipe, replace(star, generation={"stepz": 3}))
