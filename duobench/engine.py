@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -201,7 +201,6 @@ class GenerationReport:
     generated: int = 0
     reused: int = 0
     seconds: float = 0.0
-    per_rank: dict[str, int] = field(default_factory=dict)
 
 
 def manifest_row(item: WorkItem, key: str, path: Path, fingerprint: str) -> dict:

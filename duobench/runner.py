@@ -17,7 +17,6 @@ Stages, each cached so that a repeated or interrupted run redoes nothing it fini
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -451,7 +450,3 @@ def build_summary(
         "duobench_version": __version__,
         "git_commit": git_commit(),
     }
-
-
-def summary_json(summary: dict[str, Any]) -> str:
-    return json.dumps(summary, indent=2, sort_keys=True, default=str)

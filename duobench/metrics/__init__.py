@@ -11,14 +11,7 @@ from typing import Any
 
 from PIL import Image
 
-from duobench.metrics.base import MetricCard, audit_row
-
-
-def metric_card(name: str) -> MetricCard:
-    """The pinned card of a registered judge or metric, without loading any weights."""
-    from duobench.registry import METRICS
-
-    return METRICS.get(name).card
+from duobench.metrics.base import audit_row
 
 
 def judge_images(

@@ -261,8 +261,3 @@ def caption(spec: ShapeSpec, rng: np.random.Generator) -> str:
 def plain_prompt(shape: str, colour: str) -> str:
     """The evaluation prompt "a {colour} {shape}" with canonical words."""
     return with_articles(f"a {colour} {shape}")
-
-
-def synonym_prompts(shape: str) -> list[str]:
-    """Prompts naming ``shape`` only through its synonyms, in every colour (for bypass tests)."""
-    return [with_articles(f"a {colour} {word}") for word in SHAPE_SYNONYMS[shape][1:] for colour in COLOUR_NAMES]
