@@ -85,7 +85,7 @@ def _number(method: str, name: str, value: Any, kind: type) -> int | float:
 def training_numerics(pipe) -> dict[str, Any]:
     """What besides the config decides a trained artifact's bits: on a CPU, torch's thread count (it sets
     the order of float sums, and the toy world's DUO training turns that into a different model: DSR 0.71
-    with 2 threads, 0.48 with 1). A GPU run's kernels do not depend on it."""
+    with 2 threads, 0.45 with 1, same seeds). A GPU run's kernels do not depend on it."""
     import torch
 
     return {"cpu_threads": torch.get_num_threads()} if pipe.device.type == "cpu" else {}
