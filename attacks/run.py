@@ -8,10 +8,11 @@ Cache layout, under ``<cache_dir>/<attack>/<run key>/``:
 - ``prepare/``: what ``prepare`` keeps between runs (a concept vector, a learned token).
 - ``card.json``: the attack, its config, the budget, the concept and the model fingerprints.
 
-The run key hashes the attack name, config, budget, concept file and the fingerprint of exactly what the
-attack may touch: the text encoder for a text-encoder attack (so Ring-A-Bell's prompts, found once, serve
-every method that keeps SD's text encoder), the target model and the sampler settings for a black-box
-attack, and the target and base models for a white-box one. The item key hashes the prompt row.
+The run key hashes the attack name, config, budget, concept content (comments aside) and the fingerprint of
+exactly what the attack may touch: the text encoder for a text-encoder attack (so Ring-A-Bell's prompts,
+found once, serve every method that keeps SD's text encoder), the target model and the sampler settings for
+a black-box attack, and the target and base models for a white-box one; plus, on a CPU, the torch thread
+count the search runs with. The item key hashes the prompt row.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Any
 
 from duobench.attacks.base import Attack, AttackLog, AttackResult, Budget, grant_access
 from duobench.cache import atomic_write_bytes
-from duobench.concepts import Concept, PromptSetSpec
+from duobench.concepts import Concept, PromptSetSpec, concept_identity
 from duobench.errors import DuobenchError
 from duobench.items import SamplerSettings, WorkItem
 from duobench.metrics.base import Judge
@@ -85,7 +86,7 @@ def run_key(attack_name: str, attack: Attack, budget: Budget, concept: Concept, 
         "attack": attack_name,
         "config": asdict(attack.config) if is_dataclass(attack.config) else attack.config,
         "budget": asdict(budget),
-        "concept": Path(concept.path).read_text() if concept.path else concept.name,
+        "concept": concept_identity(concept),
         "access": access_identity,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -176,14 +177,20 @@ def access_identity(
     target_fingerprint: str | None,
     base_fingerprint: str | None,
 ) -> dict[str, Any]:
-    """What the attack's result depends on besides its config: the fingerprints of what it may touch."""
+    """What the attack's result depends on besides its config: the fingerprints of what it may touch, and
+    the CPU thread count an optimising attack runs with (`duobench.methods.training_numerics`)."""
+    from duobench.methods import training_numerics
     from duobench.models import pipeline_fingerprint
 
     if attack.access == "none":
         return {}
     if attack.access == "text-encoder":
-        return {"text_encoder": text_encoder_fingerprint(target_pipe.text_encoder)}
+        return {
+            "text_encoder": text_encoder_fingerprint(target_pipe.text_encoder),
+            "numerics": training_numerics(target_pipe),
+        }
     identity: dict[str, Any] = {
+        "numerics": training_numerics(target_pipe),
         "target": target_fingerprint or pipeline_fingerprint(target_pipe),
         "settings": asdict(settings),
         "judge": judge.card.to_dict(),
