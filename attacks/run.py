@@ -184,13 +184,11 @@ def access_identity(
 
     if attack.access == "none":
         return {}
+    numerics = training_numerics(target_pipe)
     if attack.access == "text-encoder":
-        return {
-            "text_encoder": text_encoder_fingerprint(target_pipe.text_encoder),
-            "numerics": training_numerics(target_pipe),
-        }
+        return {"text_encoder": text_encoder_fingerprint(target_pipe.text_encoder), "numerics": numerics}
     identity: dict[str, Any] = {
-        "numerics": training_numerics(target_pipe),
+        "numerics": numerics,
         "target": target_fingerprint or pipeline_fingerprint(target_pipe),
         "settings": asdict(settings),
         "judge": judge.card.to_dict(),

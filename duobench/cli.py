@@ -155,7 +155,7 @@ def _write_judgments(out: Path, metric, rows: list[dict]) -> None:
     from duobench.cache import atomic_write_bytes
 
     result = metric.compute()
-    unsafe = result["n_images_attack"] - round(result["dsr_attack_only"]["value"] * result["n_images_attack"])
+    unsafe = sum(bool(row["unsafe"]) for row in rows)
     summary = {**result, "unsafe_images": unsafe, "unsafe_rate": 1 - result["dsr_attack_only"]["value"]}
     table = pd.DataFrame(rows).drop(columns="phase")  # no attack here: every image is of the plain prompts
     atomic_write_bytes(out / "judgments.csv", table.to_csv(index=False).encode())

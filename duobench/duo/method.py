@@ -36,9 +36,8 @@ class DuoConfig:
     """DUO's hyper-parameters. The defaults are the official nudity script for SD1.4.
 
     For violence, the official script uses ``beta=1000, steps=500`` per sub-concept (the violence concept's
-    ``method_options``). The
-    paper's Table 1 also reports β = 250 for nudity, and Table 2 β = 500 for violence. β is part of the
-    artifact key, so a β sweep is a list of configs: each trains once and is cached.
+    ``method_options``). The paper's Table 1 also reports β = 250 for nudity, and Table 2 β = 500 for
+    violence. β is part of the artifact key, so a β sweep is a list of configs: each trains once and is cached.
 
     ``pairs=0`` uses the concept file's pair counts; a positive value rescales them to that total per
     (sub-)concept, which is how a small world trains on a handful of pairs. ``pairs_per_step`` is the
