@@ -41,8 +41,8 @@ import torch
 from duobench.attacks.base import AttackLog, AttackModels, AttackResult, Budget, item_seed
 from duobench.attacks.text_encoding import encode_ids, special_ids
 from duobench.concepts import Concept
-from duobench.engine import tokenize_with
 from duobench.errors import DuobenchError
+from duobench.generator import tokenize_with
 from duobench.prompts import PromptRow
 
 

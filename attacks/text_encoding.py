@@ -1,5 +1,5 @@
 """The CLIP text-encoder calls the attacks share: batched encoding of exact 77-id prompts (tokenised by
-`duobench.engine.tokenize_with`), and encoding with some token embeddings replaced by free vectors
+`duobench.generator.tokenize_with`), and encoding with some token embeddings replaced by free vectors
 (UnlearnDiffAtk's relaxed prefix, Concept Inversion's learned token).
 
 transformers' `CLIPTextModel.forward` takes ids only, and the official attack repos patch or re-implement

@@ -62,8 +62,8 @@ from torch import nn
 
 from duobench.baselines.rollout import denoise_partially, initial_noise, loss_summary, predict_noise
 from duobench.concepts import Concept
-from duobench.engine import encode_token_ids, tokenize
 from duobench.errors import DuobenchError
+from duobench.generator import encode_token_ids, tokenize
 from duobench.methods import MethodSpec, read_card, write_card
 
 ADAPTER_FILE = "spm.safetensors"

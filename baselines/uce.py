@@ -43,8 +43,8 @@ import torch
 
 from duobench.baselines.weight_delta import apply_weight_delta, save_weight_delta, weight_delta
 from duobench.concepts import Concept
-from duobench.engine import encode_token_ids, tokenize
 from duobench.errors import DuobenchError
+from duobench.generator import encode_token_ids, tokenize
 from duobench.methods import MethodSpec, write_card
 
 EMPTY_GUIDE = " "

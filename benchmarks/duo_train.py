@@ -24,8 +24,8 @@ from diffusers import DDPMScheduler
 
 from duobench.duo.loss import encode_pairs, train_lora
 from duobench.duo.method import DuoConfig
-from duobench.engine import encode_token_ids, tokenize
 from duobench.errors import DuobenchError
+from duobench.generator import encode_token_ids, tokenize
 from duobench.models import load_pipeline
 
 

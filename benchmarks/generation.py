@@ -58,7 +58,7 @@ def main() -> None:
         )
         for i in range(args.items)
     ]
-    from duobench.engine import use_scheduler
+    from duobench.generator import use_scheduler
 
     use_scheduler(pipe, settings.scheduler)  # the naive loop samples with the same sampler
     with tempfile.TemporaryDirectory() as scratch:

@@ -29,8 +29,8 @@ from duobench.attacks.ring_a_bell import (
     population_fitness,
 )
 from duobench.attacks.text_encoding import encode_ids, special_ids
-from duobench.engine import tokenize_with
 from duobench.errors import DuobenchError
+from duobench.generator import tokenize_with
 from duobench.models import load_pipeline
 
 VOCAB_HIGH = 49405

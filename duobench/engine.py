@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
@@ -23,126 +24,13 @@ from PIL import Image
 from duobench.cache import ImageStore, RunManifest
 from duobench.distributed import ProcessInfo, barrier, owns, process_info
 from duobench.errors import DuobenchError
+from duobench.generator import Generator, as_generator
 from duobench.items import WorkItem
 from duobench.paths import duobench_home
 
-SCHEDULER_CLASSES = {
-    "pndm": "PNDMScheduler",
-    "ddim": "DDIMScheduler",
-    "lms": "LMSDiscreteScheduler",
-    "euler": "EulerDiscreteScheduler",
-    "dpm++": "DPMSolverMultistepScheduler",
-}
 AUTO_BATCH_START = {"cuda": 64, "cpu": 16}
 
 BatchCallback = Callable[[list[WorkItem], list[Image.Image]], None]
-
-
-def use_scheduler(pipe, name: str) -> None:
-    """Swap ``pipe.scheduler`` for the named sampler, keeping the model's noise schedule (its config)."""
-    import diffusers
-
-    scheduler_class = getattr(diffusers, SCHEDULER_CLASSES[name])
-    if type(pipe.scheduler) is not scheduler_class:
-        pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
-
-
-def tokenize(pipe, texts: Sequence[str]) -> torch.Tensor:
-    return tokenize_with(pipe.tokenizer, texts)
-
-
-def tokenize_with(tokenizer, texts: Sequence[str]) -> torch.Tensor:
-    """SD1 tokenisation: start token, prompt, end token, end-token padding to 77 ids, truncated."""
-    return tokenizer(
-        list(texts),
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids
-
-
-@torch.no_grad()
-def encode_token_ids(pipe, token_ids: torch.Tensor) -> torch.Tensor:
-    """SD1's prompt embedding: the text encoder's last hidden state over all 77 positions (no mask)."""
-    device = pipe.text_encoder.device
-    return pipe.text_encoder(token_ids.to(device))[0]
-
-
-def _load_embedding(path: str) -> torch.Tensor:
-    from safetensors.torch import load_file
-
-    tensors = load_file(path)
-    if "prompt_embeds" not in tensors:
-        raise DuobenchError(f"Prompt embedding file {path} has no 'prompt_embeds' tensor.")
-    embedding = tensors["prompt_embeds"]
-    return embedding[0] if embedding.dim() == 3 else embedding
-
-
-def encode_items(pipe, items: Sequence[WorkItem]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prompt and negative-prompt embeddings for a batch, text and token-id items in one encoder pass."""
-    max_length = pipe.tokenizer.model_max_length
-    ids: list[torch.Tensor | None] = []
-    for item in items:
-        if item.token_ids is not None and len(item.token_ids) != max_length:
-            raise DuobenchError(
-                f"An item's token_ids has {len(item.token_ids)} ids; the text encoder takes exactly {max_length} "
-                "(start token, prompt, end token, padding)."
-            )
-        ids.append(torch.tensor(item.token_ids) if item.token_ids is not None else None)
-    text_positions = [i for i, item in enumerate(items) if item.token_ids is None and item.embedding is None]
-    if text_positions:
-        tokenized = tokenize(pipe, [items[i].prompt for i in text_positions])
-        for row, position in enumerate(text_positions):
-            ids[position] = tokenized[row]
-    needs_encoder = [i for i, item in enumerate(items) if item.embedding is None]
-    embeddings: list[torch.Tensor | None] = [None] * len(items)
-    if needs_encoder:
-        stacked = torch.stack([ids[i] for i in needs_encoder])
-        encoded = encode_token_ids(pipe, stacked)
-        for row, position in enumerate(needs_encoder):
-            embeddings[position] = encoded[row]
-    dtype = pipe.text_encoder.dtype
-    device = pipe.text_encoder.device
-    for i, item in enumerate(items):
-        if item.embedding is not None:
-            embeddings[i] = _load_embedding(item.embedding).to(device=device, dtype=dtype)
-    negatives = encode_token_ids(pipe, tokenize(pipe, [item.negative_prompt for item in items]))
-    return torch.stack(embeddings), negatives
-
-
-def initial_latents(pipe, items: Sequence[WorkItem]) -> torch.Tensor:
-    """Each item's starting noise from its own CPU generator: independent of batch, order and device."""
-    channels = pipe.unet.config.in_channels
-    factor = pipe.vae_scale_factor
-    latents = []
-    for item in items:
-        generator = torch.Generator("cpu").manual_seed(int(item.seed))
-        shape = (1, channels, item.height // factor, item.width // factor)
-        latents.append(torch.randn(shape, generator=generator, dtype=torch.float32))
-    return torch.cat(latents)
-
-
-@torch.no_grad()
-def sample_batch(pipe, items: Sequence[WorkItem]) -> list[Image.Image]:
-    """One pipeline call for items that share sampler settings."""
-    first = items[0]
-    if any(item.batch_signature() != first.batch_signature() for item in items):
-        raise ValueError("sample_batch needs items with identical sampler settings")
-    use_scheduler(pipe, first.scheduler)
-    prompt_embeds, negative_embeds = encode_items(pipe, items)
-    latents = initial_latents(pipe, items).to(device=pipe.unet.device, dtype=pipe.unet.dtype)
-    output = pipe(
-        prompt_embeds=prompt_embeds,
-        negative_prompt_embeds=negative_embeds,
-        latents=latents,
-        guidance_scale=float(first.guidance),
-        num_inference_steps=first.steps,
-        height=first.height,
-        width=first.width,
-        output_type="pil",
-    )
-    return [image.convert("RGB") for image in output.images]
 
 
 def group_by_sampler(items: Sequence[WorkItem]) -> list[list[WorkItem]]:
@@ -170,17 +58,19 @@ def _is_out_of_memory(error: BaseException) -> bool:
 
 
 def generate(
-    pipe, items: Sequence[WorkItem], batch_size: int | str = 8
+    model: Generator | Any, items: Sequence[WorkItem], batch_size: int | str = 8
 ) -> Iterator[tuple[list[WorkItem], list[Image.Image]]]:
-    """Yield ``(items, images)`` batch by batch. With ``"auto"``, an out-of-memory batch is halved and retried."""
-    size = resolve_batch_size(batch_size, pipe.unet.device)
+    """Yield ``(items, images)`` batch by batch from a `Generator` (or a pipeline's plain one). With
+    ``"auto"``, an out-of-memory batch is halved and retried."""
+    generator = as_generator(model)
+    size = resolve_batch_size(batch_size, generator.device)
     adaptive = batch_size == "auto"
     for group in group_by_sampler(items):
         start = 0
         while start < len(group):
             chunk = group[start : start + size]
             try:
-                images = sample_batch(pipe, chunk)
+                images = generator.sample(chunk)
             except (RuntimeError, torch.OutOfMemoryError) as error:
                 if not (adaptive and _is_out_of_memory(error) and size > 1):
                     raise
@@ -208,7 +98,7 @@ def manifest_row(item: WorkItem, key: str, path: Path, fingerprint: str) -> dict
 
 
 def generate_cached(
-    pipe,
+    model: Generator | Any,
     model_fingerprint: str,
     items: Sequence[WorkItem],
     out_dir: Path,
@@ -244,7 +134,7 @@ def generate_cached(
 
     generated = 0
     with _progress_bar(progress and info.is_main, len(todo)) as advance:
-        for batch_items, images in generate(pipe, list(todo.values()), batch_size):
+        for batch_items, images in generate(model, list(todo.values()), batch_size):
             rows = []
             for item, image in zip(batch_items, images, strict=True):
                 key = item.key(model_fingerprint)

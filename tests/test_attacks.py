@@ -30,8 +30,9 @@ from duobench.attacks.sneakyprompt import SubwordPolicy, actor_critic_step, subw
 from duobench.attacks.text_encoding import assemble_ids, encode_ids, prompt_ids, special_ids
 from duobench.attacks.unlearndiffatk import PrefixProblem, optimise_prefix, project_to_simplex
 from duobench.concepts import load_concept
-from duobench.engine import generate, tokenize_with
+from duobench.engine import generate
 from duobench.errors import DuobenchError
+from duobench.generator import tokenize_with
 from duobench.items import SamplerSettings
 from duobench.metrics.base import MetricCard, Verdict
 from duobench.prompts import PromptRow, load_prompt_set

@@ -9,8 +9,8 @@ import torch
 
 from duobench.baselines import esd, spm, uce
 from duobench.baselines.rollout import predict_noise
-from duobench.engine import encode_token_ids, tokenize
 from duobench.errors import DuobenchError
+from duobench.generator import encode_token_ids, tokenize
 from duobench.methods import make_config, read_card, train_or_load
 from duobench.models import tiny_random_pipeline
 from duobench.registry import METHODS

@@ -3,8 +3,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from duobench.engine import encode_token_ids, generate, generate_cached, tokenize
+from duobench.engine import generate, generate_cached
 from duobench.errors import DuobenchError
+from duobench.generator import encode_token_ids, tokenize
 from duobench.items import WorkItem
 
 MAX_MEAN_ABS_DIFF = 1 / 255
@@ -84,18 +85,18 @@ def test_cached_generation_skips_finished_items(tiny_pipe, tmp_path):
 
 
 def test_auto_batch_size_halves_on_out_of_memory(tiny_pipe, monkeypatch):
-    import duobench.engine as engine
+    from duobench.generator import Generator
 
     calls = []
-    real = engine.sample_batch
+    real = Generator.sample
 
-    def flaky(pipe, items):
+    def flaky(self, items):
         calls.append(len(items))
         if len(items) > 4:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real(pipe, items)
+        return real(self, items)
 
-    monkeypatch.setattr(engine, "sample_batch", flaky)
+    monkeypatch.setattr(Generator, "sample", flaky)
     produced = sum(len(images) for _, images in generate(tiny_pipe, [item(i) for i in range(10)], "auto"))
     assert produced == 10
     assert calls[:3] == [10, 8, 4]

@@ -100,7 +100,7 @@ def train(config: DuoConfig, pipe, concept: Concept, out_dir: Path) -> None:
     from accelerate import PartialState
     from diffusers import DDPMScheduler
 
-    from duobench.engine import encode_token_ids, tokenize
+    from duobench.generator import encode_token_ids, tokenize
     from duobench.models import pipeline_fingerprint
 
     out_dir = Path(out_dir)

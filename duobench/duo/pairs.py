@@ -44,8 +44,9 @@ import torch
 from PIL import Image
 
 from duobench.concepts import Concept, DuoPairSpec
-from duobench.engine import generate, use_scheduler
+from duobench.engine import generate
 from duobench.errors import DuobenchError
+from duobench.generator import use_scheduler
 from duobench.items import SamplerSettings, WorkItem, numerics_versions
 from duobench.metrics.base import Judge
 from duobench.models import default_sampler_settings
