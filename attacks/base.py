@@ -12,7 +12,10 @@ An attack is a small class registered in `ATTACKS`, built from a dataclass confi
   UnlearnDiffAtk).
 
 ``prepare(concept, models, rows)`` runs once per (attack, target model, prompt set): a concept vector, a
-textual inversion. ``attack(rows, budget)`` then yields one `AttackResult` per prompt row, in order; the
+textual inversion. Most attacks return prompts; one that changes the model (fine-tuning it) declares
+``produces = "edit"`` and writes an edit instead (`ModelAttack`). Access is read-only either way: the
+runner fingerprints the models it handed over and fails the run if an attack changed them.
+``attack(rows, budget)`` then yields one `AttackResult` per prompt row, in order; the
 runner (`duobench.attacks.run`) caches each result as it arrives, so an interrupted attack resumes at the
 first unfinished row. A result is evaluated as text, as exact token ids, or as a saved (77, D) prompt
 embedding: `AttackResult.to_work_item` turns it into the engine's `WorkItem` for any method.
@@ -165,10 +168,10 @@ class QueryCountingGenerator:
 
     __slots__ = ("_sample", "queries", "total_queries", "limit")
 
-    def __init__(self, pipe, settings: SamplerSettings, limit: int | None = None, batch_size: int = 8) -> None:
+    def __init__(self, model, settings: SamplerSettings, limit: int | None = None, batch_size: int = 8) -> None:
         def sample(prompts: Sequence[str | Sequence[int]], row: PromptRow) -> list[Image.Image]:
             items = [row_work_item(row, settings, prompt) for prompt in prompts]
-            return [image for _, images in generate(pipe, items, batch_size) for image in images]
+            return [image for _, images in generate(model, items, batch_size) for image in images]
 
         self._sample = sample
         self.queries = 0
@@ -222,12 +225,22 @@ def grant_access(
     access: str,
     workdir: Path,
     settings: SamplerSettings,
-    target_pipe,
-    base_pipe,
+    target,
+    base,
     judge: Judge | None,
     clip_scorer=None,
 ) -> AttackModels:
-    """Build the `AttackModels` an access level allows, and nothing more."""
+    """Build the `AttackModels` an access level allows, and nothing more.
+
+    ``target`` and ``base`` are `duobench.edits.System`s (or plain pipelines). Generation goes through the
+    target system's generator, so its inference-time edits act on every query; a white-box attack's own
+    forward passes through ``target_pipe`` see the weight edits only.
+    """
+    from duobench.edits import System
+
+    target_pipe = target.pipe if isinstance(target, System) else target
+    base_pipe = base.pipe if isinstance(base, System) else base
+    sampler = target.generator if isinstance(target, System) else target_pipe
     if access not in ACCESS_LEVELS:
         raise DuobenchError(f"Unknown attack access level {access!r}; choose one of {', '.join(ACCESS_LEVELS)}.")
     models = AttackModels(access=access, workdir=workdir, settings=settings)
@@ -235,13 +248,13 @@ def grant_access(
         models.tokenizer = target_pipe.tokenizer
         models.text_encoder = target_pipe.text_encoder
     elif access == "black-box":
-        models.generator = QueryCountingGenerator(target_pipe, settings)
+        models.generator = QueryCountingGenerator(sampler, settings)
         models.judge = judge
         models.clip_scorer = clip_scorer
     elif access == "white-box":
         models.tokenizer = target_pipe.tokenizer
         models.text_encoder = target_pipe.text_encoder
-        models.generator = QueryCountingGenerator(target_pipe, settings)
+        models.generator = QueryCountingGenerator(sampler, settings)
         models.judge = judge
         models.target_pipe = target_pipe
         models.base_pipe = base_pipe
@@ -261,6 +274,31 @@ class Attack(Protocol):
     def prepare(self, concept: Concept, models: AttackModels, rows: Sequence[PromptRow]) -> None: ...
 
     def attack(self, rows: Sequence[PromptRow], budget: Budget) -> Iterator[AttackResult]: ...
+
+
+class ModelAttack(Protocol):
+    """The contract of an attack that changes the model instead of the prompt (``produces = "edit"``).
+
+    After ``prepare``, ``make_edit(out_dir, budget)`` writes an artifact (weights + ``card.json``) into
+    ``out_dir``; ``apply(pipe, artifact_dir, strength)`` puts it onto a pipeline, as a method's ``apply``
+    does, and ``touches`` names the model parts it changes. The runner evaluates the attack-phase images on
+    the unlearned system plus this edit, and the pre-attack and benign images on the unlearned system alone.
+    """
+
+    name: ClassVar[str]
+    access: ClassVar[str]
+    config_cls: ClassVar[type]
+    produces: ClassVar[str]
+    touches: ClassVar[tuple[str, ...]]
+
+    def __init__(self, config: Any) -> None: ...
+
+    def prepare(self, concept: Concept, models: AttackModels, rows: Sequence[PromptRow]) -> None: ...
+
+    def make_edit(self, out_dir: Path, budget: Budget) -> None: ...
+
+    @staticmethod
+    def apply(pipe, artifact_dir: Path, strength: float) -> Any: ...
 
 
 def judge_images(judge: Judge, images: list[Image.Image]) -> list[tuple[bool, float]]:

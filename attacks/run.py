@@ -5,21 +5,27 @@ Cache layout, under ``<cache_dir>/<attack>/<run key>/``:
 - ``items/<item key>.json`` (+ ``.safetensors`` for an embedding): one finished prompt. The embedding is
   written first and the JSON last, each atomically, so a JSON file under its final name is a complete
   result; an attack killed mid-prompt-set resumes at the first prompt without one.
+- ``edit/<run key>/``: a model-changing attack's artifact (its weights and ``card.json``), the folder an
+  `duobench.edits.Edit` points at;
 - ``prepare/``: what ``prepare`` keeps between runs (a concept vector, a learned token).
-- ``card.json``: the attack, its config, the budget, the concept and the model fingerprints.
+- ``card.json``: the attack, its config, the budget, the concept and the model identities.
 
-The run key hashes the attack name, config, budget, concept content (comments aside) and the fingerprint of
-exactly what the attack may touch: the text encoder for a text-encoder attack (so Ring-A-Bell's prompts,
-found once, serve every method that keeps SD's text encoder), the target model and the sampler settings for
-a black-box attack, and the target and base models for a white-box one; plus, on a CPU, the torch thread
-count the search runs with. The item key hashes the prompt row.
+The run key hashes the attack name, config, budget, concept content (comments aside) and the identity of
+exactly what the attack may touch (`access_identity`): for a text-encoder attack the base model plus the
+edits that touch the text encoder (so Ring-A-Bell's prompts, found once, serve every method that keeps SD's
+text encoder), the whole target system (base + edit chain) and the sampler settings for a black-box attack,
+and the target and base systems for a white-box one; plus, on a CPU, the torch thread count the search runs
+with. The item key hashes the prompt row.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
+import os
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, fields, is_dataclass
 from pathlib import Path
@@ -28,9 +34,10 @@ from typing import Any
 from duobench.attacks.base import Attack, AttackLog, AttackResult, Budget, grant_access
 from duobench.cache import atomic_write_bytes
 from duobench.concepts import Concept, PromptSetSpec, concept_identity
+from duobench.edits import Edit, System, as_system
 from duobench.errors import DuobenchError
 from duobench.items import SamplerSettings, WorkItem
-from duobench.metrics.base import Judge
+from duobench.metrics.base import Judge, card_identity
 from duobench.paths import duobench_home
 from duobench.prompts import PromptRow, PromptSet, load_prompt_set
 from duobench.registry import ATTACKS
@@ -69,16 +76,6 @@ def make_attack(name: str, options: dict[str, Any] | None = None) -> Attack:
         return attack_cls(attack_cls.config_cls(**options))
     except (TypeError, ValueError) as error:
         raise DuobenchError(f"Bad options for attack {name!r}: {error}") from error
-
-
-def text_encoder_fingerprint(text_encoder) -> str:
-    """An exact hash of the text encoder's weights: equal for every method that leaves it untouched."""
-    digest = hashlib.sha256()
-    for name, tensor in text_encoder.state_dict().items():
-        digest.update(name.encode())
-        digest.update(str(tuple(tensor.shape)).encode())
-        digest.update(tensor.detach().float().cpu().numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 def run_key(attack_name: str, attack: Attack, budget: Budget, concept: Concept, access_identity: dict[str, Any]) -> str:
@@ -168,34 +165,32 @@ def resolve_rows(concept: Concept, prompt_set: PromptSet | PromptSetSpec | str, 
 
 
 def access_identity(
-    attack: Attack,
-    target_pipe,
-    base_pipe,
-    settings: SamplerSettings,
-    judge: Judge | None,
-    clip_scorer,
-    target_fingerprint: str | None,
-    base_fingerprint: str | None,
+    attack: Attack, target: System, base: System, settings: SamplerSettings, judge: Judge | None, clip_scorer
 ) -> dict[str, Any]:
-    """What the attack's result depends on besides its config: the fingerprints of what it may touch, and
-    the CPU thread count an optimising attack runs with (`duobench.methods.training_numerics`)."""
+    """What the attack's result depends on besides its config: the identity of what it may touch, and the
+    CPU thread count an optimising attack runs with (`duobench.methods.training_numerics`).
+
+    A text-encoder attack sees the base model's text encoder plus the edits that touch it, so its prompts
+    are shared by every method that leaves the encoder alone; a black- or white-box attack sees the whole
+    system (base + edit chain), and a white-box one the base model as well. Judges and scorers enter by
+    card (id, parameters, weights sha256), never by the path their weights happen to live at.
+    """
     from duobench.methods import training_numerics
-    from duobench.models import pipeline_fingerprint
 
     if attack.access == "none":
         return {}
-    numerics = training_numerics(target_pipe)
+    numerics = training_numerics(target.pipe)
     if attack.access == "text-encoder":
-        return {"text_encoder": text_encoder_fingerprint(target_pipe.text_encoder), "numerics": numerics}
+        return {"text_encoder": target.identity_for(("text_encoder",)), "numerics": numerics}
     identity: dict[str, Any] = {
         "numerics": numerics,
-        "target": target_fingerprint or pipeline_fingerprint(target_pipe),
+        "target": target.fingerprint,
         "settings": asdict(settings),
-        "judge": judge.card.to_dict(),
+        "judge": card_identity(judge.card),
         "clip_scorer": scorer_identity(clip_scorer),
     }
     if attack.access == "white-box":
-        identity["base"] = base_fingerprint or pipeline_fingerprint(base_pipe)
+        identity["base"] = base.fingerprint
     return identity
 
 
@@ -205,16 +200,67 @@ def scorer_identity(clip_scorer) -> dict[str, Any] | str | None:
         return None
     card = getattr(clip_scorer, "card", None)
     if card is not None:
-        return card.to_dict()
+        return card_identity(card)
     name = getattr(clip_scorer, "__qualname__", type(clip_scorer).__qualname__)
     return f"{getattr(clip_scorer, '__module__', '')}.{name}"
+
+
+def _attack_setup(
+    attack_name, concept, target, base, prompt_set, budget, cache_dir, judge, options, settings, clip_scorer, limit
+):
+    """The shared prologue: build the attack, resolve rows and settings, check what it needs, key its run."""
+    from duobench.models import default_sampler_settings
+
+    attack = make_attack(attack_name, options)
+    budget = budget or Budget()
+    rows = resolve_rows(concept, prompt_set, limit)
+    target = as_system(target)
+    base = as_system(base) if base is not None else None
+    settings = settings or default_sampler_settings(target.pipe)
+    if attack.access in {"black-box", "white-box"} and judge is None:
+        raise DuobenchError(
+            f"The {attack_name} attack checks its prompts with the concept's judge ({concept.judge}); pass the judge."
+        )
+    if attack.access == "white-box" and base is None:
+        raise DuobenchError(
+            f"The {attack_name} attack is white-box: it needs the base model as well as the unlearned one "
+            "(its target images come from the base model). Load the base model and pass it too."
+        )
+    identity = access_identity(attack, target, base, settings, judge, clip_scorer)
+    key = run_key(attack_name, attack, budget, concept, identity)
+    run_dir = Path(cache_dir or duobench_home() / "attacks") / attack_name / key
+    return attack, budget, rows, target, base, settings, identity, run_dir
+
+
+@contextlib.contextmanager
+def read_only(attack_name: str, access: str, target: System, base: System | None, run_dir: Path):
+    """Fail the run if an attack changed the models it was handed (white-box access is read-only).
+
+    The weights are fingerprinted before and after; on a change, the attack's cached results are deleted
+    (they came from a model that no longer exists) and the run stops.
+    """
+    from duobench.models import pipeline_fingerprint
+
+    handed = {"text-encoder": [("unlearned", target)], "white-box": [("unlearned", target), ("base", base)]}
+    watched = [(name, system.pipe) for name, system in handed.get(access, []) if system is not None]
+    before = [pipeline_fingerprint(pipe) for _, pipe in watched]
+    yield
+    changed = [name for (name, pipe), fp in zip(watched, before, strict=True) if pipeline_fingerprint(pipe) != fp]
+    if changed:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        raise DuobenchError(
+            f"The {attack_name} attack changed the {' and '.join(changed)} model it was handed: its weights "
+            "differ after the attack, so every later image of this run would come from another model. Access is "
+            "read-only; an attack that changes the model must return an edit instead (produces = 'edit', as "
+            "attacks/finetune.py does). Its cached results were deleted."
+        )
 
 
 def run_attack(
     attack_name: str,
     concept: Concept,
-    target_pipe,
-    base_pipe,
+    target,
+    base,
     prompt_set: PromptSet | PromptSetSpec | str,
     budget: Budget | None = None,
     cache_dir: Path | None = None,
@@ -223,41 +269,21 @@ def run_attack(
     options: dict[str, Any] | None = None,
     settings: SamplerSettings | None = None,
     clip_scorer=None,
-    target_fingerprint: str | None = None,
-    base_fingerprint: str | None = None,
     limit: int | None = None,
     on_result: Callable[[AttackResult], None] | None = None,
 ) -> list[AttackResult]:
     """Attack every row of ``prompt_set`` (a concept's set name, a spec, a path or a loaded set).
 
-    ``target_pipe`` is the unlearned model under attack, ``base_pipe`` the original model (white-box attacks
-    take their target images from it). ``settings`` defaults to the target's own sampler defaults.
-    Finished rows come from the cache; the attack's ``prepare`` runs only if some row is missing. Returns one
-    result per row, in order (equal rows share one result).
+    ``target`` is the unlearned model under attack and ``base`` the original model (white-box attacks take
+    their target images from it), each a `duobench.edits.System` or a plain pipeline. ``settings`` defaults
+    to the target's own sampler defaults. Finished rows come from the cache; the attack's ``prepare`` runs
+    only if some row is missing. Returns one result per row, in order (equal rows share one result).
     """
-    from duobench.models import default_sampler_settings
-
-    attack = make_attack(attack_name, options)
-    budget = budget or Budget()
-    rows = resolve_rows(concept, prompt_set, limit)
-    settings = settings or default_sampler_settings(target_pipe)
-    if attack.access in {"black-box", "white-box"} and judge is None:
-        raise DuobenchError(
-            f"The {attack_name} attack checks its prompts with the concept's judge ({concept.judge}); pass the judge."
-        )
-    if attack.access == "white-box" and base_pipe is None:
-        raise DuobenchError(
-            f"The {attack_name} attack is white-box: it needs the base model as well as the unlearned one "
-            "(its target images come from the base model). Load the base model and pass it too."
-        )
-    identity = access_identity(
-        attack, target_pipe, base_pipe, settings, judge, clip_scorer, target_fingerprint, base_fingerprint
+    attack, budget, rows, target, base, settings, identity, run_dir = _attack_setup(
+        attack_name, concept, target, base, prompt_set, budget, cache_dir, judge, options, settings, clip_scorer, limit
     )
-    run_dir = (
-        Path(cache_dir or duobench_home() / "attacks")
-        / attack_name
-        / run_key(attack_name, attack, budget, concept, identity)
-    )
+    if produces(attack) != "prompts":
+        raise DuobenchError(f"The {attack_name} attack returns a model edit, not prompts; use run_edit_attack.")
     store = ResultStore(run_dir / "items")
     keys = [item_key(row) for row in rows]
     todo: dict[str, PromptRow] = {}
@@ -266,20 +292,71 @@ def run_attack(
             todo.setdefault(key, row)
     if todo:
         _write_card(run_dir, attack_name, attack, budget, concept, identity)
-        models = grant_access(attack.access, run_dir / "prepare", settings, target_pipe, base_pipe, judge, clip_scorer)
+        models = grant_access(attack.access, run_dir / "prepare", settings, target, base, judge, clip_scorer)
         models.workdir.mkdir(parents=True, exist_ok=True)
-        attack.prepare(concept, models, rows)
-        pending = list(todo.items())
-        for (key, row), result in zip(pending, attack.attack([row for _, row in pending], budget), strict=False):
-            if (result.source_prompt, result.seed) != (row.prompt, row.seed):
-                raise RuntimeError(f"attack {attack_name!r} yielded results out of order")
-            store.put(key, result)
-            if on_result is not None:
-                on_result(result)
+        with read_only(attack_name, attack.access, target, base, run_dir):
+            attack.prepare(concept, models, rows)
+            pending = list(todo.items())
+            for (key, row), result in zip(pending, attack.attack([row for _, row in pending], budget), strict=False):
+                if (result.source_prompt, result.seed) != (row.prompt, row.seed):
+                    raise RuntimeError(f"attack {attack_name!r} yielded results out of order")
+                store.put(key, result)
+                if on_result is not None:
+                    on_result(result)
         missing = [key for key in todo if not store.has(key)]
         if missing:
             raise RuntimeError(f"attack {attack_name!r} returned {len(todo) - len(missing)} of {len(todo)} results")
     return [store.get(key) for key in keys]
+
+
+def run_edit_attack(
+    attack_name: str,
+    concept: Concept,
+    target,
+    base,
+    prompt_set: PromptSet | PromptSetSpec | str,
+    budget: Budget | None = None,
+    cache_dir: Path | None = None,
+    judge: Judge | None = None,
+    *,
+    options: dict[str, Any] | None = None,
+    settings: SamplerSettings | None = None,
+    limit: int | None = None,
+) -> Edit:
+    """Run a model-changing attack once per (attack, config, budget, concept, models) and return its edit.
+
+    The artifact is written into a per-process staging folder and renamed into place when complete, so an
+    interrupted attack leaves nothing a later run would trust, and two processes never share a half-written
+    folder. The models handed to the attack are checked unchanged afterwards (`read_only`).
+    """
+    attack, budget, rows, target, base, settings, identity, run_dir = _attack_setup(
+        attack_name, concept, target, base, prompt_set, budget, cache_dir, judge, options, settings, None, limit
+    )
+    if produces(attack) != "edit":
+        raise DuobenchError(f"The {attack_name} attack returns prompts, not a model edit; use run_attack.")
+    final = run_dir / "edit" / run_dir.name
+    if not (final / "card.json").exists():
+        _write_card(run_dir, attack_name, attack, budget, concept, identity)
+        models = grant_access(attack.access, run_dir / "prepare", settings, target, base, judge, None)
+        models.workdir.mkdir(parents=True, exist_ok=True)
+        staging = final.with_name(f"{final.name}.partial-{os.getpid()}")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        with read_only(attack_name, attack.access, target, base, run_dir):
+            attack.prepare(concept, models, rows)
+            attack.make_edit(staging, budget)
+        if not (staging / "card.json").exists():
+            raise RuntimeError(f"attack {attack_name!r} wrote no card.json into its edit folder")
+        if (final / "card.json").exists():  # another process finished first: keep its artifact
+            shutil.rmtree(staging)
+        else:
+            staging.rename(final)
+    return Edit("attack", attack_name, final, 1.0, tuple(type(attack).touches))
+
+
+def produces(attack: Attack) -> str:
+    """``prompts`` (the default) or ``edit``: what the attack returns."""
+    return getattr(type(attack), "produces", "prompts")
 
 
 def _write_card(

@@ -22,7 +22,8 @@ from duobench.attacks.run import run_attack, to_work_items
 from duobench.engine import generate
 from duobench.metrics.dsr import build_judge
 from duobench.prompts import PromptSet, load_prompt_set
-from duobench.runner import RunConfig, prepare
+from duobench.run_config import RunConfig
+from duobench.runner import prepare
 
 TOY_BUDGETS: dict[str, tuple[Budget, dict]] = {
     "ring-a-bell": (Budget(steps=150), {"k": 16, "population": 200, "eta": 3.0}),
@@ -59,7 +60,7 @@ def main() -> None:
         config = RunConfig(method=method, concept="star", model="toy", device="cpu")
         config.method_options = method_options.get(method, {})
         context = prepare(config, base=base)
-        base = context.base
+        base = context.base.pipe
         judge = build_judge(context.concept.judge)
         spec = context.concept.prompt_sets[args.prompt_set]
         rows = [row for row in load_prompt_set(spec).rows if row.meta.get("seed_index", 0) < args.seeds]
@@ -79,11 +80,9 @@ def main() -> None:
                 judge,
                 options=options,
                 settings=context.settings,
-                target_fingerprint=context.target_fingerprint,
-                base_fingerprint=context.base_fingerprint,
             )
             attack_seconds = time.perf_counter() - started
-            row[attack] = star_rate(context.target, judge, to_work_items(results, context.settings))
+            row[attack] = star_rate(context.target.generator, judge, to_work_items(results, context.settings))
             row[f"{attack}_s"] = round(attack_seconds, 1)
             print(f"{method:>8} {attack:<18} star rate {row[attack]:.2f}  ({attack_seconds:.1f} s)", flush=True)
         rows_by_method.append(row)

@@ -200,28 +200,6 @@ def extra_flag_options(args: list[str]) -> dict:
     return parse_options(pairs)
 
 
-def resolve_run_config(config_file: Path | None, cli_values: dict):
-    """Defaults < the YAML file < options given on the command line."""
-    import yaml
-
-    from duobench.runner import RunConfig
-
-    values = {}
-    if config_file is not None:
-        if not config_file.exists():
-            raise DuobenchError(f"Config file {config_file} does not exist.")
-        loaded = yaml.safe_load(config_file.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise DuobenchError(f"Config file {config_file} must be a mapping of run options.")
-        values.update(loaded)
-    values.update({key: value for key, value in cli_values.items() if value not in (None, {}, [])})
-    known = set(RunConfig.__dataclass_fields__)
-    unknown = sorted(set(values) - known - {"sweep", "methods", "attacks"})
-    if unknown:
-        raise DuobenchError(f"Unknown run option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}.")
-    return RunConfig(**{key: value for key, value in values.items() if key in known}), values
-
-
 RUN_HELP = {
     "method": "Unlearning method (`duobench ls methods`), or 'none' for the base model.",
     "attack": "Attack (`duobench ls attacks`); 'none' = the concept's plain prompts.",
@@ -251,6 +229,7 @@ def run(
 ) -> None:
     """Erase, attack, generate, judge, measure: one summary row (and a curve with --sweep)."""
     from duobench.report import print_summary
+    from duobench.run_config import resolve_run_config
 
     run_config, values = resolve_run_config(
         config,
@@ -322,6 +301,7 @@ def leaderboard(
     """Run the (method x attack) grid and write leaderboards/<model>-<concept>.csv (+ .md), or --check one."""
     from duobench.leaderboard import check_leaderboard, leaderboard_path, run_grid, write_leaderboard
     from duobench.report import print_summary
+    from duobench.run_config import resolve_run_config
     from duobench.stages import StageCache
 
     if check is not None:
@@ -411,7 +391,7 @@ def train(
     from duobench.concepts import load_concept
     from duobench.methods import train_or_load
     from duobench.models import load_pipeline, pipeline_fingerprint
-    from duobench.runner import method_options
+    from duobench.run_config import method_options
 
     concept_data = load_concept(concept)
     options = method_options(concept_data, method, extra_flag_options(list(ctx.args)))
@@ -438,7 +418,8 @@ def attack(
     from duobench.attacks.base import Budget
     from duobench.attacks.run import run_attack, write_attack_csv
     from duobench.metrics.dsr import build_judge
-    from duobench.runner import RunConfig, prepare
+    from duobench.run_config import RunConfig
+    from duobench.runner import prepare
 
     context = prepare(RunConfig(method=method, attack=attack, concept=concept, model=model, device=device))
     set_name = prompt_set or context.concept.default_prompt_set
@@ -452,8 +433,6 @@ def attack(
         judge=build_judge(context.concept.judge),
         options=parse_options(attack_opt),
         settings=context.settings,
-        target_fingerprint=context.target_fingerprint,
-        base_fingerprint=context.base_fingerprint,
         limit=limit,
     )
     write_attack_csv(results, out)
@@ -472,6 +451,7 @@ def validate(
 ) -> None:
     """Check a run configuration in seconds (model reachable, concept valid, prompts readable, metric weights
     present) before hours of GPU time are spent."""
+    from duobench.run_config import resolve_run_config
     from duobench.validate import validate_run
 
     run_config, _ = resolve_run_config(

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from duobench.errors import DuobenchError
-from duobench.runner import RunConfig, run
+from duobench.run_config import RunConfig
+from duobench.runner import run
 from duobench.stages import StageCache
 
 CURVE_COLUMNS = (

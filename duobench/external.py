@@ -369,7 +369,7 @@ def train(config: ExternalConfig, pipe, concept: Concept, out_dir: Path) -> None
     write_card(out_dir, "external", config, concept, source=config.path, local_path=str(source), **details)
 
 
-def apply(pipe, artifact_dir: Path, strength: float = 1.0):
+def apply(pipe, artifact_dir: Path, strength: float = 1.0) -> None:
     """Edit ``pipe`` in place toward the checkpoint: 0 is the base model, 1 the checkpoint."""
     if not 0.0 <= strength <= 1.0:
         raise DuobenchError(f"External strength interpolates base (0) to checkpoint (1); got {strength}.")
@@ -380,10 +380,10 @@ def apply(pipe, artifact_dir: Path, strength: float = 1.0):
     if card["kind"] == "lora":
         from duobench.duo.method import apply as apply_lora
 
-        return apply_lora(pipe, artifact_dir, strength)
+        apply_lora(pipe, artifact_dir, strength)
+        return
     for component in card["components"]:
         apply_weight_delta(pipe, artifact_dir, strength, component)
-    return pipe
 
 
 EXTERNAL = MethodSpec(
@@ -392,4 +392,5 @@ EXTERNAL = MethodSpec(
     train=train,
     apply=apply,
     description="an already-unlearned checkpoint made elsewhere, imported as a weight delta or LoRA",
+    touches=("unet", "text_encoder", "vae"),
 )

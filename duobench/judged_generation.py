@@ -22,6 +22,7 @@ from typing import Any
 from PIL import Image
 
 from duobench.engine import GenerationReport, generate_cached
+from duobench.generator import as_generator
 from duobench.items import WorkItem
 from duobench.metrics.base import StreamingMetric, load_images
 from duobench.metrics.worker import JudgingWorker
@@ -30,7 +31,7 @@ STORED_IMAGES_PER_BATCH = 64
 
 
 def generate_and_judge(
-    pipe,
+    model,
     fingerprint: str,
     items: Sequence[WorkItem],
     out_dir: Path,
@@ -44,10 +45,13 @@ def generate_and_judge(
     per image (a judge-based metric such as DSR).
 
     Returns the generation report and the metric's audit rows in the order of ``items``, each with its
-    image path under ``"image"``. ``in_background`` defaults to whether the pipeline is off the CPU.
+    image path under ``"image"``. ``in_background`` defaults to whether the model is off the CPU. The
+    metric may already hold rows from an earlier call (one DSR over several systems' images); only this
+    call's rows are returned.
     """
     if in_background is None:
-        in_background = pipe.device.type != "cpu"
+        in_background = as_generator(model).device.type != "cpu"
+    earlier_rows = len(metric.audit_rows())
     waiting: dict[str, list[int]] = defaultdict(list)  # image key -> items still to be judged
     for index, item in enumerate(items):
         waiting[item.key(fingerprint)].append(index)
@@ -68,7 +72,7 @@ def generate_and_judge(
             submit(indices, copies)
 
         report = generate_cached(
-            pipe,
+            model,
             fingerprint,
             items,
             out_dir,
@@ -81,7 +85,7 @@ def generate_and_judge(
         for start in range(0, len(stored), STORED_IMAGES_PER_BATCH):
             chunk = stored[start : start + STORED_IMAGES_PER_BATCH]
             submit(chunk, load_images([report.paths[i] for i in chunk]))
-        rows = worker.close()
+        rows = worker.close()[earlier_rows:]
 
     ordered: list[dict[str, Any]] = [{} for _ in items]
     for index, row in zip(submitted, rows, strict=True):

@@ -18,7 +18,8 @@ from typing import Any
 from duobench.cache import atomic_write_bytes
 from duobench.errors import DuobenchError
 from duobench.report import SUMMARY_COLUMNS, flat_row
-from duobench.runner import RunConfig, apply_threads, method_options, run
+from duobench.run_config import RunConfig, apply_threads, method_options
+from duobench.runner import run
 from duobench.stages import StageCache
 
 LEADERBOARD_COLUMNS = (*SUMMARY_COLUMNS, "training_seed", "run_config")

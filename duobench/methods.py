@@ -5,9 +5,13 @@ A method is a few functions and a dataclass config, not a class hierarchy:
 - ``config_cls``: a dataclass of hyper-parameters (defaults = the paper's); the concept fills the rest;
 - ``train(config, pipe, concept, out_dir)``: erases ``concept`` starting from the base ``pipe`` and writes
   the artifact (safetensors + ``card.json``) into ``out_dir``; it must not leave ``pipe`` modified;
-- ``apply(pipe, artifact_dir, strength)``: edits ``pipe`` in place so it generates as the unlearned model,
-  ``strength`` in [0, 1] interpolating from the base model (0) to the full edit (1); the curve machinery
-  sweeps it.
+- ``apply(pipe, artifact_dir, strength)``: makes ``pipe`` generate as the unlearned model, ``strength`` in
+  [0, 1] interpolating from the base model (0) to the full edit (1); the curve machinery sweeps it. It
+  either edits the weights in place and returns ``None``, or returns a `duobench.generator.SamplingHook`
+  for an inference-time defense (SLD's guidance, a negative prompt); the runner applies it as an
+  `duobench.edits.Edit`;
+- ``touches``: the model parts the edit changes (`duobench.edits.MODEL_PARTS`), which decide whose caches
+  it invalidates: a method that leaves the text encoder alone shares Ring-A-Bell's prompts with the base.
 
 Artifacts live under ``$DUOBENCH_HOME/artifacts/<method>/<key>/`` where the key hashes the method, its
 config, the concept's content (comments and descriptions aside) and the base model's fingerprint: the same
@@ -41,6 +45,7 @@ class MethodSpec:
     train: Callable[..., None]
     apply: Callable[..., Any]
     description: str = ""
+    touches: tuple[str, ...] = ("unet",)
     seed_fields: tuple[str, ...] = ()
     """Config fields that seed the method's randomness (noise, timesteps, training data). A leaderboard with
     training seeds sets them all to each seed in turn; empty for a deterministic method (UCE)."""

@@ -26,133 +26,131 @@ from PIL import Image
 
 from duobench import __version__
 from duobench.concepts import Concept, load_concept
+from duobench.edits import Edit, System, build_system, method_edit
 from duobench.errors import DuobenchError
 from duobench.items import SamplerSettings, WorkItem
-from duobench.metrics.base import load_images
-from duobench.stages import StageCache, stable_hash
-
-METRIC_DEFAULTS = {
-    "prior_preservation": "lpips-alex-64",
-    "clip_score": "clip-vit-l14-x100",
-    "fid": "fid-clean",
-}
+from duobench.metrics.base import card_identity, load_images
+from duobench.prompts import PromptSet
+from duobench.run_config import RunConfig, apply_threads, attack_options, method_options, metric_presets
+from duobench.stages import StageCache
 
 
 @dataclass
-class RunConfig:
-    """Everything a run depends on; saved as ``config.yaml`` beside the results."""
+class RunPlan:
+    """Everything a run needs that costs no model work, resolved and checked before any model loads.
 
-    method: str = "duo"
-    attack: str = "none"
-    concept: str = "nudity"
-    model: str = "CompVis/stable-diffusion-v1-4"
-    strength: float = 1.0
-    method_options: dict[str, Any] = field(default_factory=dict)
-    attack_options: dict[str, Any] = field(default_factory=dict)
-    prompt_set: str = ""
-    """A name from the concept's ``prompt_sets`` (default: its first)."""
-    limit: int | None = None
-    """Only the first N prompts of the prompt set (each with all its seeds)."""
-    benign_limit: int | None = None
-    attack_steps: int | None = None
-    attack_queries: int | None = None
-    batch_size: str = "auto"
-    device: str | None = None
-    out: str = "runs/latest"
-    fid_reference: str = ""
-    """Folder / ``.npz`` of reference statistics for FID (e.g. MS-COCO val); empty: the base model's
-    benign images are the reference, which measures drift from the original model."""
-    metrics: dict[str, str] = field(default_factory=dict)
-    """Overrides of the concept's metric presets (prior_preservation, clip_score, fid)."""
-    bootstrap_seed: int = 0
-    threads: int | None = None
-    """torch CPU threads. A CPU-trained artifact depends on them (see `duobench.methods.training_numerics`),
-    so a run on a CPU records the count it used here, and a re-run of its config uses it again."""
+    Building the plan loads the concept and both prompt sets (an HF dataset included), builds the method's
+    and the attack's configs and looks up every metric preset: a missing dataset, an unknown option or
+    a bad value fails here, in seconds, instead of after the method's training.
+    """
+
+    config: RunConfig
+    concept: Concept
+    prompt_set: PromptSet
+    benign: PromptSet
+    attack: Any = None
+    presets: dict[str, str] = field(default_factory=dict)
+
+
+def plan_run(config: RunConfig) -> RunPlan:
+    from duobench.attacks.base import Budget
+    from duobench.attacks.run import make_attack
+    from duobench.methods import make_config
+    from duobench.prompts import load_prompt_set
+    from duobench.registry import METHODS, METRICS
+    from duobench.run_config import check_run_config
+
+    check_run_config(config)
+    concept = load_concept(config.concept)
+    if config.method != "none":
+        make_config(METHODS.get(config.method), method_options(concept, config.method, config.method_options))
+    attack = None
+    if config.attack != "none":
+        attack = make_attack(config.attack, attack_options(concept, config.attack, config.attack_options))
+        Budget(steps=config.attack_steps, queries=config.attack_queries)
+    presets = metric_presets(concept, config)
+    for preset in [concept.judge, *presets.values()]:
+        METRICS.get(preset)
+    set_name = config.prompt_set or concept.default_prompt_set
+    if set_name not in concept.prompt_sets:
+        raise DuobenchError(
+            f"Concept {concept.name!r} has no prompt set {set_name!r}; it has {', '.join(concept.prompt_sets)}."
+        )
+    prompt_set = load_prompt_set(concept.prompt_sets[set_name], name=set_name, limit=config.limit)
+    benign = load_prompt_set(concept.benign_prompts, name="benign", limit=config.benign_limit)
+    return RunPlan(config, concept, prompt_set, benign, attack, presets)
 
 
 @dataclass
 class RunContext:
-    """What the stages share: loaded models and the caches."""
+    """What the stages share: the plan, the loaded systems and the caches.
 
-    config: RunConfig
-    concept: Concept
-    base: Any
-    base_fingerprint: str
-    target: Any
-    target_fingerprint: str
+    ``base`` is the original model; ``target`` the base plus the method's edit (the same system for
+    ``--method none``); ``attacked`` the target plus a model-changing attack's edit, if the attack is one.
+    """
+
+    plan: RunPlan
+    base: System
+    target: System
     settings: SamplerSettings
     stages: StageCache
     out: Path
+    attacked: System | None = None
     artifact: Path | None = None
     method_config: dict[str, Any] = field(default_factory=dict)
     generated: int = 0
     reused: int = 0
 
+    @property
+    def config(self) -> RunConfig:
+        return self.plan.config
 
-def metric_presets(concept: Concept, config: RunConfig) -> dict[str, str]:
-    return {**METRIC_DEFAULTS, **concept.metrics, **config.metrics}
-
-
-def method_options(concept: Concept, method: str, overrides: dict[str, Any]) -> dict[str, Any]:
-    """The concept's defaults for this method (sized for its model family) under the user's options."""
-    return {**concept.method_options.get(method, {}), **overrides}
-
-
-def attack_options(concept: Concept, attack: str, overrides: dict[str, Any]) -> dict[str, Any]:
-    return {**concept.attack_options.get(attack, {}), **overrides}
+    @property
+    def concept(self) -> Concept:
+        return self.plan.concept
 
 
-def apply_threads(config: RunConfig) -> None:
-    """Use the config's torch CPU thread count, if it names one."""
-    if config.threads:
-        import torch
+def load_system(config: RunConfig, base: System, edits: list[Edit]) -> System:
+    """A fresh copy of the base model with ``edits`` applied (the base system itself when there are none)."""
+    from duobench.models import load_pipeline
 
-        torch.set_num_threads(config.threads)
+    if not edits:
+        return base
+    return build_system(load_pipeline(config.model, device=config.device), base.base_fingerprint, edits)
 
 
-def prepare(config: RunConfig, stages: StageCache | None = None, base=None) -> RunContext:
-    """Load the concept and the models, and train or load the method's artifact (stage 1)."""
+def prepare(config: RunConfig, stages: StageCache | None = None, base=None, plan: RunPlan | None = None) -> RunContext:
+    """Plan the run (no model work), load the base model, and train or load the method's edit (stage 1)."""
     from duobench.methods import read_card, train_or_load
     from duobench.models import default_sampler_settings, load_pipeline, pipeline_fingerprint
-    from duobench.registry import METHODS
 
-    concept = load_concept(config.concept)
+    plan = plan or plan_run(config)
+    concept = plan.concept
     apply_threads(config)
-    base = base if base is not None else load_pipeline(config.model, device=config.device)
-    if base.device.type == "cpu":
+    base_pipe = base if base is not None else load_pipeline(config.model, device=config.device)
+    if base_pipe.device.type == "cpu":
         import torch
 
         config.threads = torch.get_num_threads()
-    base_fingerprint = pipeline_fingerprint(base)
-    settings = default_sampler_settings(base, concept)
+    base_system = build_system(base_pipe, pipeline_fingerprint(base_pipe))
     context = RunContext(
-        config=config,
-        concept=concept,
-        base=base,
-        base_fingerprint=base_fingerprint,
-        target=base,
-        target_fingerprint=base_fingerprint,
-        settings=settings,
+        plan=plan,
+        base=base_system,
+        target=base_system,
+        settings=default_sampler_settings(base_pipe, concept),
         stages=stages or StageCache(),
         out=Path(config.out),
     )
     if config.method == "none":
         return context
     artifact, method_config, _ = train_or_load(
-        config.method, base, concept, base_fingerprint, method_options(concept, config.method, config.method_options)
+        config.method,
+        base_pipe,
+        concept,
+        base_system.fingerprint,
+        method_options(concept, config.method, config.method_options),
     )
-    target = load_pipeline(config.model, device=config.device)
-    METHODS.get(config.method).apply(target, artifact, config.strength)
-    context.target = target
-    # LoRA scales and adapter multipliers are not in a state dict: name the edit explicitly.
-    context.target_fingerprint = stable_hash(
-        {
-            "base": base_fingerprint,
-            "method": config.method,
-            "artifact": artifact.name,
-            "strength": config.strength,
-        }
-    )
+    context.target = load_system(config, base_system, [method_edit(config.method, artifact, config.strength)])
     context.artifact = artifact
     context.method_config = read_card(artifact).get("config", asdict(method_config))
     return context
@@ -164,20 +162,17 @@ def _with_prompt_id(item: WorkItem, phase: str) -> WorkItem:
 
 
 def attacked_items(context: RunContext) -> tuple[list[WorkItem], list[WorkItem], dict[str, Any]]:
-    """Stage 2: (attack-phase items, pre-attack items, attack card) for the concept's prompt set."""
+    """Stage 2: (attack-phase items, pre-attack items, attack card) for the concept's prompt set.
+
+    A prompt attack's items replay its prompts on the target; a model-changing attack's edit is applied on
+    top of the target (``context.attacked``) and its attack-phase items are the plain prompts again.
+    """
     from duobench.attacks.base import Budget
-    from duobench.attacks.run import run_attack, to_work_items
+    from duobench.attacks.run import produces, run_attack, run_edit_attack, to_work_items
     from duobench.metrics.dsr import build_judge
-    from duobench.prompts import load_prompt_set
     from duobench.prompts import to_work_items as plain_items
 
-    config, concept = context.config, context.concept
-    set_name = config.prompt_set or concept.default_prompt_set
-    if set_name not in concept.prompt_sets:
-        raise DuobenchError(
-            f"Concept {concept.name!r} has no prompt set {set_name!r}; it has {', '.join(concept.prompt_sets)}."
-        )
-    prompt_set = load_prompt_set(concept.prompt_sets[set_name], name=set_name, limit=config.limit)
+    config, concept, prompt_set = context.config, context.concept, context.plan.prompt_set
     plain = [_with_prompt_id(item, "pre-attack") for item in plain_items(prompt_set.rows, context.settings)]
     if config.attack == "none":
         return (
@@ -187,37 +182,35 @@ def attacked_items(context: RunContext) -> tuple[list[WorkItem], list[WorkItem],
         )
     budget = Budget(steps=config.attack_steps, queries=config.attack_queries)
     options = attack_options(concept, config.attack, config.attack_options)
+    card = {"attack": config.attack, "options": options, "budget": asdict(budget)}
+    common = dict(options=options, settings=context.settings)
+    judge = build_judge(concept.judge)
+    if produces(context.plan.attack) == "edit":
+        edit = run_edit_attack(
+            config.attack, concept, context.target, context.base, prompt_set, budget, judge=judge, **common
+        )
+        context.attacked = load_system(config, context.base, [*context.target.edits, edit])
+        card["edit"] = edit.identity()
+        return [replace(item, meta={**item.meta, "phase": "attack"}) for item in plain], plain, card
     results = run_attack(
-        config.attack,
-        concept,
-        context.target,
-        context.base,
-        prompt_set,
-        budget,
-        judge=build_judge(concept.judge),
-        options=options,
-        settings=context.settings,
-        target_fingerprint=context.target_fingerprint,
-        base_fingerprint=context.base_fingerprint,
+        config.attack, concept, context.target, context.base, prompt_set, budget, judge=judge, **common
     )
     attacked = [_with_prompt_id(item, "attack") for item in to_work_items(results, context.settings)]
-    card = {"attack": config.attack, "options": options, "budget": asdict(budget)}
     return attacked, plain, card
 
 
 def benign_items(context: RunContext) -> list[WorkItem]:
-    from duobench.prompts import load_prompt_set, to_work_items
+    from duobench.prompts import to_work_items
 
-    prompt_set = load_prompt_set(context.concept.benign_prompts, name="benign", limit=context.config.benign_limit)
-    return to_work_items(prompt_set.rows, context.settings)
+    return to_work_items(context.plan.benign.rows, context.settings)
 
 
-def generate_images(context: RunContext, pipe, fingerprint: str, items: list[WorkItem], name: str) -> list[Path]:
+def generate_images(context: RunContext, system: System, items: list[WorkItem], name: str) -> list[Path]:
     from duobench.engine import generate_cached
 
     report = generate_cached(
-        pipe,
-        fingerprint,
+        system.generator,
+        system.fingerprint,
         items,
         context.out / "generations" / name,
         batch_size=context.config.batch_size,
@@ -228,38 +221,71 @@ def generate_images(context: RunContext, pipe, fingerprint: str, items: list[Wor
     return report.paths
 
 
-def generate_and_judge_stage(context: RunContext, items: list[WorkItem]) -> tuple[list[Path], dict[str, Any]]:
-    """The attack and pre-attack images, generated with the unlearned model and judged while they are
-    generated: DSR with CI and the pre/post-attack split, plus one audit row per image. Returns the image
-    paths and the judge result (cached by image keys, judge and bootstrap seed)."""
-    from duobench.judged_generation import generate_and_judge
-    from duobench.metrics.dsr import DSR
+def judged_segments(
+    context: RunContext, attack_items: list[WorkItem], pre_items: list[WorkItem]
+) -> list[tuple[str, System, list[WorkItem]]]:
+    """(folder, system, items) to generate and judge: all on the target, or the attack phase on the
+    attacked system when the attack changed the model."""
+    if context.attacked is None:
+        return [("attack", context.target, attack_items + pre_items)]
+    return [("attack", context.attacked, attack_items), ("pre-attack", context.target, pre_items)]
 
-    fingerprint = context.target_fingerprint
-    out_dir = context.out / "generations" / "attack"
+
+def generate_and_judge_stage(
+    context: RunContext, attack_items: list[WorkItem], pre_items: list[WorkItem]
+) -> tuple[list[Path], dict[str, Any]]:
+    """The attack and pre-attack images, generated and judged while they are generated: DSR with CI and the
+    pre/post-attack split, plus one audit row per image. Returns the image paths (attack items, then
+    pre-attack items) and the judge result, cached by the image keys, the judge's card and the bootstrap
+    seed."""
+    from duobench.judged_generation import generate_and_judge
+    from duobench.metrics.dsr import DSR, build_judge
+
+    segments = judged_segments(context, attack_items, pre_items)
     fresh: dict[str, list[Path]] = {}
 
     def compute() -> dict[str, Any]:
-        metric = DSR(judge=context.concept.judge, seed=context.config.bootstrap_seed)
-        report, rows = generate_and_judge(
-            context.target, fingerprint, items, out_dir, metric, context.config.batch_size, progress=True
-        )
-        context.generated += report.generated
-        context.reused += report.reused
-        fresh["paths"] = report.paths
+        metric = DSR(judge=build_judge(context.concept.judge), seed=context.config.bootstrap_seed)
+        paths, rows = [], []
+        for name, system, items in segments:
+            report, segment_rows = generate_and_judge(
+                system.generator,
+                system.fingerprint,
+                items,
+                context.out / "generations" / name,
+                metric,
+                context.config.batch_size,
+                progress=True,
+            )
+            context.generated += report.generated
+            context.reused += report.reused
+            paths += report.paths
+            rows += segment_rows
+        fresh["paths"] = paths
         return {"report": metric.compute(), "card": metric.card.to_dict(), "rows": rows}
 
     payload = {
-        "images": [item.key(fingerprint) for item in items],
-        "phases": [i.meta["phase"] for i in items],
-        "prompts": [i.meta["prompt_id"] for i in items],
-        "judge": context.concept.judge,
+        "images": [item.key(system.fingerprint) for _, system, items in segments for item in items],
+        "phases": [item.meta["phase"] for _, _, items in segments for item in items],
+        "prompts": [item.meta["prompt_id"] for _, _, items in segments for item in items],
+        "judge": preset_identity(context.concept.judge),
         "seed": context.config.bootstrap_seed,
     }
     judged = context.stages.run("judge", payload, compute)
     # A cached verdict still needs its images (contact sheet, audit links): fetch or regenerate them.
-    paths = fresh.get("paths") or generate_images(context, context.target, fingerprint, items, "attack")
+    paths = fresh.get("paths") or [
+        path for name, system, items in segments for path in generate_images(context, system, items, name)
+    ]
     return paths, judged
+
+
+def preset_identity(preset: str) -> dict[str, Any]:
+    """A stage-cache key's part for a judge or metric preset: its card's id (name@version), parameters and
+    pinned weights sha256 (`duobench.metrics.base.card_identity`), read without loading any weights. A card
+    version bump recomputes exactly the stages that use it."""
+    from duobench.registry import METRICS
+
+    return card_identity(METRICS.get(preset).card)
 
 
 def benign_metrics(
@@ -268,7 +294,7 @@ def benign_metrics(
     """Prior preservation, CLIP score and FID on the benign prompts, each cached by images and card."""
     from duobench.registry import METRICS
 
-    presets = metric_presets(context.concept, context.config)
+    presets = context.plan.presets
     keys = [path.stem for path in target_paths]
     base_keys = [path.stem for path in base_paths]
     results: dict[str, Any] = {}
@@ -277,7 +303,7 @@ def benign_metrics(
         return _prior_preservation(presets["prior_preservation"], base_paths, target_paths)
 
     results["prior_preservation"] = context.stages.run(
-        "prior_preservation", {"preset": presets["prior_preservation"], "a": base_keys, "b": keys}, prior
+        "prior_preservation", {"card": preset_identity(presets["prior_preservation"]), "a": base_keys, "b": keys}, prior
     )
 
     def clip() -> dict[str, Any]:
@@ -289,7 +315,7 @@ def benign_metrics(
 
     results["clip_score"] = context.stages.run(
         "clip_score",
-        {"preset": presets["clip_score"], "images": keys, "prompts": [i.prompt for i in items]},
+        {"card": preset_identity(presets["clip_score"]), "images": keys, "prompts": [i.prompt for i in items]},
         clip,
     )
 
@@ -298,7 +324,7 @@ def benign_metrics(
 
     reference_payload = context.config.fid_reference or base_keys
     results["fid"] = context.stages.run(
-        "fid", {"preset": presets["fid"], "images": keys, "reference": reference_payload}, frechet
+        "fid", {"card": preset_identity(presets["fid"]), "images": keys, "reference": reference_payload}, frechet
     )
     return results
 
@@ -349,12 +375,11 @@ def run(config: RunConfig, stages: StageCache | None = None, base=None) -> dict[
     started = time.perf_counter()
     context = prepare(config, stages, base)
     attack_items, pre_items, attack_card = attacked_items(context)
-    all_items = attack_items + pre_items
-    dsr_paths, judged = generate_and_judge_stage(context, all_items)
+    dsr_paths, judged = generate_and_judge_stage(context, attack_items, pre_items)
 
     benign = benign_items(context)
-    base_paths = generate_images(context, context.base, context.base_fingerprint, benign, "benign-base")
-    target_paths = generate_images(context, context.target, context.target_fingerprint, benign, "benign-target")
+    base_paths = generate_images(context, context.base, benign, "benign-base")
+    target_paths = generate_images(context, context.target, benign, "benign-target")
     metrics = benign_metrics(context, benign, base_paths, target_paths)
 
     summary = build_summary(context, judged, metrics, attack_card, len(attack_items))
@@ -385,7 +410,7 @@ def run_contact_sheet(
         if len(chosen) == samples:
             break
     plain_sample = list(chosen.values())
-    base_paths = generate_images(context, context.base, context.base_fingerprint, plain_sample, "sheet-base")
+    base_paths = generate_images(context, context.base, plain_sample, "sheet-base")
     columns = [
         ("base model", load_images(base_paths)),
         (f"{context.config.method} (plain)", load_images([path_of[id(item)] for item in plain_sample])),
@@ -446,7 +471,9 @@ def build_summary(
         "method_config": context.method_config,
         "attack_config": attack_card,
         "checkpoint_sha256": artifact_sha256(context.artifact) if context.artifact else "",
-        "base_fingerprint": context.base_fingerprint,
+        "base_fingerprint": context.base.fingerprint,
+        "edits": [edit.identity() for edit in (context.attacked or context.target).edits],
+        "defense_coverage": context.target.coverage_notes(),
         "duobench_version": __version__,
         "git_commit": git_commit(),
     }

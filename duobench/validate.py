@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from duobench.errors import DuobenchError
-from duobench.runner import RunConfig, attack_options, method_options, metric_presets
+from duobench.run_config import RunConfig, attack_options, method_options, metric_presets
 
 
 @dataclass

@@ -32,7 +32,7 @@ from duobench.methods import config_key, make_config, read_card, train_or_load, 
 from duobench.metrics.base import MetricCard, Verdict
 from duobench.models import pipeline_fingerprint
 from duobench.registry import METHODS
-from duobench.runner import method_options
+from duobench.run_config import method_options
 
 TINY_GENERATION = {"steps": 2, "height": 32, "width": 32, "guidance": 7.5, "scheduler": "pndm"}
 

@@ -264,7 +264,8 @@ def test_run_with_an_exported_checkpoint_reproduces_the_method_that_made_it(tmp_
 
     from duobench.concepts import load_concept
     from duobench.models import load_pipeline
-    from duobench.runner import RunConfig, method_options, run
+    from duobench.run_config import RunConfig, method_options
+    from duobench.runner import run
     from duobench.stages import StageCache
 
     toy = load_pipeline("toy", device="cpu")

@@ -13,7 +13,6 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from duobench.cli import resolve_run_config
 from duobench.curves import sweep, write_curve
 from duobench.leaderboard import (
     LEADERBOARD_COLUMNS,
@@ -23,7 +22,7 @@ from duobench.leaderboard import (
     run_grid,
     write_leaderboard,
 )
-from duobench.runner import RunConfig
+from duobench.run_config import RunConfig, resolve_run_config
 from duobench.stages import StageCache
 
 RING_A_BELL_TOY = {"k": 8, "population": 32, "generations": 8}

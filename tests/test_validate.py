@@ -1,6 +1,6 @@
 """`duobench validate` catches what would fail a run, before the run loads a model or trains anything."""
 
-from duobench.runner import RunConfig
+from duobench.run_config import RunConfig
 from duobench.validate import validate_run
 
 

@@ -155,7 +155,7 @@ def train(config: DuoConfig, pipe, concept: Concept, out_dir: Path) -> None:
     state.wait_for_everyone()
 
 
-def apply(pipe, artifact_dir: Path, strength: float = 1.0):
+def apply(pipe, artifact_dir: Path, strength: float = 1.0) -> None:
     """Load the artifact's LoRA(s) into ``pipe`` and scale them: ``strength`` is the LoRA scale.
 
     0 gives the base model and 1 the trained model. Sub-concept LoRAs are each scaled by
@@ -180,7 +180,6 @@ def apply(pipe, artifact_dir: Path, strength: float = 1.0):
         names.append(name)
         weights.append(strength * float(lora["weight"]))
     pipe.set_adapters(names, adapter_weights=weights)
-    return pipe
 
 
 def adapter_name(artifact_dir: Path, lora: str) -> str:

@@ -45,6 +45,12 @@ class MetricCard:
         return {"id": self.id, **asdict(self)}
 
 
+def card_identity(card: MetricCard) -> dict[str, Any]:
+    """What decides a card's numbers, for cache keys: its id (name@version), parameters and the sha256 of
+    the weights it loaded. Never the weights' path: moving a venv or an HF cache must not recompute."""
+    return {"id": card.id, "params": card.params, "weights_sha256": card.weights_sha256}
+
+
 @dataclass
 class Verdict:
     """A judge's decision on one image. ``evidence`` must be JSON-serialisable."""
