@@ -244,8 +244,14 @@ def read_only(attack_name: str, access: str, target: System, base: System | None
     handed = {"text-encoder": [("unlearned", target)], "white-box": [("unlearned", target), ("base", base)]}
     watched = [(name, system.pipe) for name, system in handed.get(access, []) if system is not None]
     before = [pipeline_fingerprint(pipe) for _, pipe in watched]
-    yield
-    changed = [name for (name, pipe), fp in zip(watched, before, strict=True) if pipeline_fingerprint(pipe) != fp]
+    try:
+        yield
+    finally:  # also when the attack failed: a changed model is the error to report
+        changed = [name for (name, pipe), fp in zip(watched, before, strict=True) if pipeline_fingerprint(pipe) != fp]
+        _fail_if_changed(attack_name, changed, run_dir)
+
+
+def _fail_if_changed(attack_name: str, changed: list[str], run_dir: Path) -> None:
     if changed:
         shutil.rmtree(run_dir, ignore_errors=True)
         raise DuobenchError(

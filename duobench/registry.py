@@ -148,6 +148,8 @@ BUILTIN_PLUGINS: dict[str, dict[str, tuple[str, str]]] = {
         "esd-x": ("duobench.baselines.esd:ESD_X", "ESD-x (Gandikota et al., ICCV 2023): cross-attn only"),
         "uce": ("duobench.baselines.uce:UCE", "UCE (Gandikota et al., WACV 2024): closed-form K/V edit"),
         "spm": ("duobench.baselines.spm:SPM", "SPM (Lyu et al., CVPR 2024): rank-1 membrane adapters"),
+        "sld": ("duobench.baselines.sld:SLD", "SLD (Schramowski et al., CVPR 2023): safety guidance at inference"),
+        "sd-np": ("duobench.baselines.sd_np:SD_NP", "SD-NP: the concept's words as the negative prompt"),
         "external": (
             "duobench.external:EXTERNAL",
             "a checkpoint unlearned elsewhere (path=file, folder or HF id): weight delta or LoRA",
@@ -170,6 +172,10 @@ BUILTIN_PLUGINS: dict[str, dict[str, tuple[str, str]]] = {
         "unlearndiffatk": (
             "duobench.attacks.unlearndiffatk:UnlearnDiffAtk",
             "UnlearnDiffAtk (ECCV 2024): prefix tokens through the unlearned UNet (white-box)",
+        ),
+        "finetune": (
+            "duobench.attacks.finetune:Finetune",
+            "benign fine-tuning (arXiv 2412.00357): LoRA or full fine-tune on benign data, returns a model edit",
         ),
     },
     "metrics": {
