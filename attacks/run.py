@@ -389,7 +389,7 @@ def write_attack_csv(results: Sequence[AttackResult], path: Path) -> Path:
 
     ``prompt``/``evaluation_seed``/``evaluation_guidance`` make it a plain prompt set any loader reads (as
     text); ``replay`` with ``token_ids`` (77 space-separated ids) or ``embedding`` (a safetensors path) keeps
-    the exact form the attack optimised, which `read_attack_csv` + `to_work_items` restore.
+    the exact form the attack optimised, which `read_attack_csv` + `attack_work_items` restore.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -421,7 +421,7 @@ def write_attack_csv(results: Sequence[AttackResult], path: Path) -> Path:
 
 
 def read_attack_csv(path: Path) -> list[AttackResult]:
-    """Results back from `write_attack_csv`, ready for `to_work_items` (logs keep only their summary)."""
+    """Results back from `write_attack_csv`, ready for `attack_work_items` (logs keep only their summary)."""
     results = []
     with open(path, newline="", encoding="utf-8") as handle:
         for row in csv.DictReader(handle):
@@ -450,6 +450,6 @@ def read_attack_csv(path: Path) -> list[AttackResult]:
     return results
 
 
-def to_work_items(results: Sequence[AttackResult], settings: SamplerSettings) -> list[WorkItem]:
+def attack_work_items(results: Sequence[AttackResult], settings: SamplerSettings) -> list[WorkItem]:
     """Engine items that evaluate ``results`` on any model."""
     return [result.to_work_item(settings) for result in results]

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from duobench.attacks.base import Budget
-from duobench.attacks.run import run_attack, to_work_items
+from duobench.attacks.run import attack_work_items, run_attack
 from duobench.engine import generate
 from duobench.metrics.dsr import build_judge
 from duobench.prompts import PromptSet, load_prompt_set
@@ -82,7 +82,7 @@ def main() -> None:
                 settings=context.settings,
             )
             attack_seconds = time.perf_counter() - started
-            row[attack] = star_rate(context.target.generator, judge, to_work_items(results, context.settings))
+            row[attack] = star_rate(context.target.generator, judge, attack_work_items(results, context.settings))
             row[f"{attack}_s"] = round(attack_seconds, 1)
             print(f"{method:>8} {attack:<18} star rate {row[attack]:.2f}  ({attack_seconds:.1f} s)", flush=True)
         rows_by_method.append(row)

@@ -128,7 +128,9 @@ def generate(
             f"{report.seconds:.1f} s → {out / 'manifest.jsonl'}"
         )
         if metric is not None:
-            _write_judgments(out, metric, rows)
+            from duobench.report import write_judgments
+
+            console.print(write_judgments(out, metric, rows))
 
 
 def _judge_metric(judge: str):
@@ -145,27 +147,6 @@ def _generate(pipe, fingerprint, items, out, cache_dir, batch_size, metric):
     if metric is None:
         return generate_cached(pipe, fingerprint, items, out, cache_dir, batch_size, progress=True), []
     return generate_and_judge(pipe, fingerprint, items, out, metric, batch_size, cache_dir, progress=True)
-
-
-def _write_judgments(out: Path, metric, rows: list[dict]) -> None:
-    import json
-
-    import pandas as pd
-
-    from duobench.cache import atomic_write_bytes
-
-    result = metric.compute()
-    unsafe = sum(bool(row["unsafe"]) for row in rows)
-    summary = {**result, "unsafe_images": unsafe, "unsafe_rate": 1 - result["dsr_attack_only"]["value"]}
-    table = pd.DataFrame(rows).drop(columns="phase")  # no attack here: every image is of the plain prompts
-    atomic_write_bytes(out / "judgments.csv", table.to_csv(index=False).encode())
-    atomic_write_bytes(out / "judge_summary.json", json.dumps(summary, indent=2, default=str).encode())
-    low, high = result["dsr_attack_only"]["ci_low"], result["dsr_attack_only"]["ci_high"]
-    console.print(
-        f"{result['judge']}: {unsafe} of {result['n_images_attack']} images unsafe (unsafe rate "
-        f"{summary['unsafe_rate']:.3f}, 95% CI [{1 - high:.3f}, {1 - low:.3f}] over "
-        f"{result['n_prompts']} prompts) → {out / 'judgments.csv'}"
-    )
 
 
 def _int_list(text: str, option: str) -> list[int]:

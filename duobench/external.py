@@ -52,6 +52,7 @@ import torch
 from duobench.baselines.weight_delta import apply_weight_delta, save_weight_delta, weight_delta
 from duobench.concepts import Concept
 from duobench.errors import DuobenchError
+from duobench.lora import apply_loras
 from duobench.methods import MethodSpec, read_card, write_card
 from duobench.metrics.base import sha256_file
 
@@ -312,7 +313,7 @@ def import_lora(pipe, file: Path, tensors: dict[str, torch.Tensor], source: Path
     diffusers only warns about LoRA keys that match no layer, so the check loads the LoRA once and compares
     the parameters it placed with the file's, then unloads it (the base pipe is left as it was).
     """
-    from duobench.duo.loss import LORA_WEIGHTS_NAME
+    from duobench.lora import LORA_WEIGHTS_NAME
 
     stored = out_dir / LORA_WEIGHTS_NAME
     if file.suffix == ".safetensors":
@@ -378,9 +379,7 @@ def apply(pipe, artifact_dir: Path, strength: float = 1.0) -> None:
     except FileNotFoundError as error:
         raise DuobenchError(f"{artifact_dir} is not an external-checkpoint artifact: it has no card.json.") from error
     if card["kind"] == "lora":
-        from duobench.duo.method import apply as apply_lora
-
-        apply_lora(pipe, artifact_dir, strength)
+        apply_loras(pipe, artifact_dir, card["loras"], strength, prefix="external")
         return
     for component in card["components"]:
         apply_weight_delta(pipe, artifact_dir, strength, component)

@@ -17,7 +17,7 @@ from typing import Any
 
 from duobench.cache import atomic_write_bytes
 from duobench.errors import DuobenchError
-from duobench.report import SUMMARY_COLUMNS, flat_row
+from duobench.report import SUMMARY_COLUMNS, flat_row, format_number
 from duobench.run_config import RunConfig, apply_threads, method_options
 from duobench.runner import run
 from duobench.stages import StageCache
@@ -179,8 +179,8 @@ def spread_markdown(spread: list[dict[str, Any]]) -> str:
 
 def _mean_sd(entry: dict[str, Any], metric: str) -> str:
     digits = ".2f" if metric == "fid" else ".3f"
-    mean, sd = _fmt(entry[f"{metric}_mean"], digits), entry[f"{metric}_sd"]
-    return mean if sd is None or mean == "-" else f"{mean} ± {_fmt(sd, digits)}"
+    mean, sd = format_number(entry[f"{metric}_mean"], digits), entry[f"{metric}_sd"]
+    return mean if sd is None or mean == "-" else f"{mean} ± {format_number(sd, digits)}"
 
 
 def markdown(frame) -> str:
@@ -196,8 +196,9 @@ def markdown(frame) -> str:
         seed = "-" if pd.isna(row["training_seed"]) else int(row["training_seed"])
         lines.append(
             f"| {row['method']} | {row['attack']} | {seed} | {row['dsr']:.3f} [{row['dsr_ci_low']:.3f}, "
-            f"{row['dsr_ci_high']:.3f}] | {_fmt(row['dsr_pre_attack'])} | {_fmt(row['prior_preservation'])} | "
-            f"{_fmt(row['fid'], '.2f')} | {_fmt(row['clip_score'])} | {row['n_prompts']}x{row['n_seeds']} | "
+            f"{row['dsr_ci_high']:.3f}] | {format_number(row['dsr_pre_attack'])} | "
+            f"{format_number(row['prior_preservation'])} | {format_number(row['fid'], '.2f')} | "
+            f"{format_number(row['clip_score'])} | {row['n_prompts']}x{row['n_seeds']} | "
             f"{cards} |"
         )
     first = frame.iloc[0] if len(frame) else None
@@ -208,14 +209,6 @@ def markdown(frame) -> str:
             f"`{first['model']}`, concept `{first['concept']}`.",
         ]
     return "\n".join(lines) + "\n"
-
-
-def _fmt(value: Any, spec: str = ".3f") -> str:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return "-"
-    return "-" if number != number else format(number, spec)
 
 
 def provenance_problems(row: dict[str, Any]) -> list[str]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -34,15 +33,6 @@ def default_device() -> torch.device:
 def default_dtype(device: torch.device) -> torch.dtype:
     """fp16 on GPU (bf16 where supported is also fine, but SD1.4's reference numbers are fp16); fp32 on CPU."""
     return torch.float16 if device.type == "cuda" else torch.float32
-
-
-@dataclass(frozen=True)
-class LoadedModel:
-    """A pipeline plus the fingerprint that keys every cached image it makes."""
-
-    pipeline: object
-    name: str
-    fingerprint: str
 
 
 def load_pipeline(model: str, device: torch.device | str | None = None, dtype: torch.dtype | None = None):

@@ -216,7 +216,7 @@ BUILTIN_PLUGINS: dict[str, dict[str, tuple[str, str]]] = {
         ),
         "lpips-vgg": ("duobench.metrics.prior_preservation:LPIPS_VGG", "1 - LPIPS(vgg) at 256x256 (HELM)"),
         "toy-judge-features": (
-            "duobench.metrics.prior_preservation:TOY_JUDGE_FEATURES",
+            "duobench.toy.metrics:TOY_JUDGE_FEATURES",
             "toy stand-in for LPIPS: 1 - toy judge feature distance",
         ),
         "clip-vit-l14-x100": (

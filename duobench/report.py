@@ -153,14 +153,38 @@ def print_summary(summaries: list[dict[str, Any]]) -> None:
             s["attack"],
             f"{s['strength']:g}",
             f"{s['dsr']:.3f} [{s['dsr_ci'][0]:.3f}, {s['dsr_ci'][1]:.3f}]",
-            _fmt(s.get("dsr_pre_attack")),
-            _fmt(s["prior_preservation"]),
-            _fmt(s.get("clip_score")),
-            _fmt(s.get("fid"), ".2f"),
+            format_number(s.get("dsr_pre_attack")),
+            format_number(s["prior_preservation"]),
+            format_number(s.get("clip_score")),
+            format_number(s.get("fid"), ".2f"),
             f"{s['n_prompts']}x{s['n_seeds']}",
         )
     Console().print(table)
 
 
-def _fmt(value: Any, spec: str = ".3f") -> str:
-    return "-" if value is None else format(value, spec)
+def format_number(value: Any, spec: str = ".3f") -> str:
+    """A number for a table; "-" for a missing or NaN value."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return "-"
+    return "-" if number != number else format(number, spec)
+
+
+def write_judgments(out: Path, metric, rows: list[dict[str, Any]]) -> str:
+    """``duobench generate --judge``: ``judgments.csv`` (one row per image) and ``judge_summary.json`` in
+    ``out``; returns the one-line result to print."""
+    import pandas as pd
+
+    result = metric.compute()
+    unsafe = sum(bool(row["unsafe"]) for row in rows)
+    summary = {**result, "unsafe_images": unsafe, "unsafe_rate": 1 - result["dsr_attack_only"]["value"]}
+    table = pd.DataFrame(rows).drop(columns="phase")  # no attack here: every image is of the plain prompts
+    atomic_write_bytes(out / "judgments.csv", table.to_csv(index=False).encode())
+    atomic_write_bytes(out / "judge_summary.json", json.dumps(summary, indent=2, default=str).encode())
+    low, high = result["dsr_attack_only"]["ci_low"], result["dsr_attack_only"]["ci_high"]
+    return (
+        f"{result['judge']}: {unsafe} of {result['n_images_attack']} images unsafe (unsafe rate "
+        f"{summary['unsafe_rate']:.3f}, 95% CI [{1 - high:.3f}, {1 - low:.3f}] over "
+        f"{result['n_prompts']} prompts) → {out / 'judgments.csv'}"
+    )

@@ -1,17 +1,21 @@
-"""`duobench run`: method → attack → generation → judging and metrics → one summary row.
+"""`duobench run`: plan → method → attack → generation → judging and metrics → one summary row.
 
-Stages, each cached so that a repeated or interrupted run redoes nothing it finished:
+The evaluated model is a `duobench.edits.System`: the base model plus an ordered chain of edits, sampled
+through one `duobench.generator.Generator`. Stages, each cached so that a repeated or interrupted run redoes
+nothing it finished:
 
-1. **method**: train or load the artifact by config hash (`duobench.methods.train_or_load`), apply it to a
-   fresh copy of the base model at ``strength``;
-2. **attack**: the attack's prompts for the concept's prompt set (`duobench.attacks.run.run_attack`, cached
-   per item);
-3. **generation and judging**: the attacked prompts and the plain prompts (pre-attack) with the unlearned
-   model, judged by the concept's judge while they generate (DSR with a prompt-bootstrap CI and the
-   pre/post-attack split); then the benign prompts with both the base and the unlearned model. Images go
-   through the content-addressed store;
-4. **metrics**: prior preservation, CLIP score and FID on the benign images; each metric's result (and the
-   judge's) is cached by the image keys and its card;
+0. **plan** (`plan_run`): the configuration checked, the concept, both prompt sets (an HF dataset included),
+   the method and attack configs and every metric preset resolved, before any model loads;
+1. **method**: train or load the artifact by config hash (`duobench.methods.train_or_load`); the target
+   system is a fresh copy of the base model with the method's edit at ``strength``;
+2. **attack**: a prompt attack's prompts for the concept's prompt set (`duobench.attacks.run.run_attack`,
+   cached per item), or a model-changing attack's edit (`run_edit_attack`), which makes a third system,
+   target + attack edit, for the attack-phase images only;
+3. **generation and judging**: the attack-phase and pre-attack images, judged while they generate (DSR with a
+   prompt-bootstrap CI and the pre/post-attack split); then the benign prompts with the base and the
+   target system. Images go through the content-addressed store, keyed by the system's fingerprint;
+4. **metrics** (`duobench.metrics.benign`): prior preservation, CLIP score and FID on the benign images;
+   each result, and the judge's, is cached by the image keys and the card's identity;
 5. **report**: ``summary.json``, ``summary.csv``, ``audit.parquet``, ``config.yaml`` and a contact sheet.
 """
 
@@ -29,7 +33,8 @@ from duobench.concepts import Concept, load_concept
 from duobench.edits import Edit, System, build_system, method_edit
 from duobench.errors import DuobenchError
 from duobench.items import SamplerSettings, WorkItem
-from duobench.metrics.base import card_identity, load_images
+from duobench.metrics.base import load_images
+from duobench.metrics.benign import benign_metrics, preset_identity
 from duobench.prompts import PromptSet
 from duobench.run_config import RunConfig, apply_threads, attack_options, method_options, metric_presets
 from duobench.stages import StageCache
@@ -168,12 +173,12 @@ def attacked_items(context: RunContext) -> tuple[list[WorkItem], list[WorkItem],
     top of the target (``context.attacked``) and its attack-phase items are the plain prompts again.
     """
     from duobench.attacks.base import Budget
-    from duobench.attacks.run import produces, run_attack, run_edit_attack, to_work_items
+    from duobench.attacks.run import attack_work_items, produces, run_attack, run_edit_attack
     from duobench.metrics.dsr import build_judge
-    from duobench.prompts import to_work_items as plain_items
+    from duobench.prompts import to_work_items
 
     config, concept, prompt_set = context.config, context.concept, context.plan.prompt_set
-    plain = [_with_prompt_id(item, "pre-attack") for item in plain_items(prompt_set.rows, context.settings)]
+    plain = [_with_prompt_id(item, "pre-attack") for item in to_work_items(prompt_set.rows, context.settings)]
     if config.attack == "none":
         return (
             [replace(item, meta={**item.meta, "phase": "attack"}) for item in plain],
@@ -195,7 +200,7 @@ def attacked_items(context: RunContext) -> tuple[list[WorkItem], list[WorkItem],
     results = run_attack(
         config.attack, concept, context.target, context.base, prompt_set, budget, judge=judge, **common
     )
-    attacked = [_with_prompt_id(item, "attack") for item in to_work_items(results, context.settings)]
+    attacked = [_with_prompt_id(item, "attack") for item in attack_work_items(results, context.settings)]
     return attacked, plain, card
 
 
@@ -279,95 +284,6 @@ def generate_and_judge_stage(
     return paths, judged
 
 
-def preset_identity(preset: str) -> dict[str, Any]:
-    """A stage-cache key's part for a judge or metric preset: its card's id (name@version), parameters and
-    pinned weights sha256 (`duobench.metrics.base.card_identity`), read without loading any weights. A card
-    version bump recomputes exactly the stages that use it."""
-    from duobench.registry import METRICS
-
-    return card_identity(METRICS.get(preset).card)
-
-
-def benign_metrics(
-    context: RunContext, items: list[WorkItem], base_paths: list[Path], target_paths: list[Path]
-) -> dict[str, Any]:
-    """Prior preservation, CLIP score and FID on the benign prompts, each cached by images and card."""
-    from duobench.registry import METRICS
-
-    presets = context.plan.presets
-    keys = [path.stem for path in target_paths]
-    base_keys = [path.stem for path in base_paths]
-    results: dict[str, Any] = {}
-
-    def prior() -> dict[str, Any]:
-        return _prior_preservation(presets["prior_preservation"], base_paths, target_paths)
-
-    results["prior_preservation"] = context.stages.run(
-        "prior_preservation", {"card": preset_identity(presets["prior_preservation"]), "a": base_keys, "b": keys}, prior
-    )
-
-    def clip() -> dict[str, Any]:
-        metric = METRICS.get(presets["clip_score"])()
-        for start in range(0, len(items), 64):
-            batch = items[start : start + 64]
-            metric.update(load_images(target_paths[start : start + 64]), prompts=[item.prompt for item in batch])
-        return metric.compute()
-
-    results["clip_score"] = context.stages.run(
-        "clip_score",
-        {"card": preset_identity(presets["clip_score"]), "images": keys, "prompts": [i.prompt for i in items]},
-        clip,
-    )
-
-    def frechet() -> dict[str, Any]:
-        return _fid(presets["fid"], context.config.fid_reference, base_paths, target_paths)
-
-    reference_payload = context.config.fid_reference or base_keys
-    results["fid"] = context.stages.run(
-        "fid", {"card": preset_identity(presets["fid"]), "images": keys, "reference": reference_payload}, frechet
-    )
-    return results
-
-
-def _fid(preset: str, reference: str, base_paths: list[Path], target_paths: list[Path]) -> dict[str, Any]:
-    """FID (+ KID) of the unlearned model's benign images against ``reference`` or, without one, against
-    the base model's images for the same prompts and seeds (drift from the original model)."""
-    import numpy as np
-
-    from duobench.metrics.fid import canonical_order, kernel_distance
-    from duobench.registry import METRICS
-
-    if reference:
-        metric = METRICS.get(preset)(reference=reference)
-    else:
-        base_metric = METRICS.get(preset)(reference=(np.zeros(1), np.zeros((1, 1))))
-        for start in range(0, len(base_paths), 64):
-            base_metric.update(load_images(base_paths[start : start + 64]))
-        metric = METRICS.get(preset)(reference=base_metric.mean_and_covariance())
-    for start in range(0, len(target_paths), 64):
-        metric.update(load_images(target_paths[start : start + 64]))
-    result = metric.compute()
-    if not reference and base_metric.state()["features"] and metric.state()["features"]:
-        result["kid"] = kernel_distance(
-            canonical_order(np.concatenate(base_metric.state()["features"])),
-            canonical_order(np.concatenate(metric.state()["features"])),
-        )
-    result["reference"] = reference or "base model, same benign prompts and seeds"
-    return result
-
-
-def _prior_preservation(preset: str, base_paths: list[Path], target_paths: list[Path]) -> dict[str, Any]:
-    from duobench.registry import METRICS
-
-    metric = METRICS.get(preset)()
-    for start in range(0, len(target_paths), 64):
-        metric.update(
-            load_images(target_paths[start : start + 64]),
-            references=load_images(base_paths[start : start + 64]),
-        )
-    return metric.compute()
-
-
 def run(config: RunConfig, stages: StageCache | None = None, base=None) -> dict[str, Any]:
     """Run every stage and write the report; returns the summary dict (also ``summary.json``)."""
     from duobench.report import write_run_outputs
@@ -380,7 +296,9 @@ def run(config: RunConfig, stages: StageCache | None = None, base=None) -> dict[
     benign = benign_items(context)
     base_paths = generate_images(context, context.base, benign, "benign-base")
     target_paths = generate_images(context, context.target, benign, "benign-target")
-    metrics = benign_metrics(context, benign, base_paths, target_paths)
+    metrics = benign_metrics(
+        context.stages, context.plan.presets, config.fid_reference, benign, base_paths, target_paths
+    )
 
     summary = build_summary(context, judged, metrics, attack_card, len(attack_items))
     sheet = run_contact_sheet(context, attack_items, pre_items, dsr_paths)

@@ -14,7 +14,6 @@ from duobench.concepts import Concept, DuoPairSpec, PromptSetSpec, load_concept
 from duobench.duo import loss as duo_loss_module
 from duobench.duo.loss import (
     LORA_TARGETS,
-    LORA_WEIGHTS_NAME,
     DuoBatch,
     PairLatents,
     adapters_disabled,
@@ -22,12 +21,12 @@ from duobench.duo.loss import (
     duo_loss,
     effective_lambda,
     effective_learning_rate,
-    lora_attached,
     train_lora,
 )
 from duobench.duo.method import SPEC, DuoConfig, apply
 from duobench.duo.pairs import build_pair_set, recipe_rows, sub_concepts
 from duobench.errors import DuobenchError
+from duobench.lora import LORA_WEIGHTS_NAME, lora_attached
 from duobench.methods import config_key, make_config, read_card, train_or_load, training_numerics
 from duobench.metrics.base import MetricCard, Verdict
 from duobench.models import pipeline_fingerprint
@@ -119,7 +118,7 @@ def test_lora_targets_only_self_attention_and_disabled_adapter_is_the_base_unet(
         base_output = unet(sample, timesteps, condition).sample
     expected = {name for name, _ in unet.named_modules() if name.endswith(LORA_TARGETS)}
     requires_grad = {name: p.requires_grad for name, p in unet.named_parameters()}
-    with lora_attached(unet, rank=4, alpha=4) as parameters:
+    with lora_attached(unet, LORA_TARGETS, rank=4, alpha=4) as parameters:
         adapted = {name for name, module in unet.named_modules() if hasattr(module, "lora_A")}
         assert adapted == expected and all(".attn1." in name for name in adapted)
         assert len(adapted) == 4 * 4  # 4 transformer blocks x q, k, v, out
@@ -151,7 +150,7 @@ def test_one_step_makes_unsafe_latents_less_likely_than_safe_ones(pipe):
         t_safe=torch.randint(0, 750, (size,), generator=generator),
     )
     null = torch.randn(1, 77, pipe.text_encoder.config.hidden_size, generator=generator)
-    with lora_attached(unet, rank=4, alpha=4) as parameters:
+    with lora_attached(unet, LORA_TARGETS, rank=4, alpha=4) as parameters:
         optimizer = torch.optim.AdamW(parameters, lr=1e-4, weight_decay=1e-2)
         loss_before, stats_before = duo_loss(*duo_errors(unet, unet, scheduler, batch, null), beta=500, lam=5e6)
         # The zero-initialised LoRA B makes the model equal the reference: both log-ratios start at 0.

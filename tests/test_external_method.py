@@ -144,10 +144,11 @@ def test_unet_folder(base_pipe, edited_pipe, concept, tmp_path):
 
 def lora_folder(base_pipe, folder):
     """A DUO-style LoRA (self-attention, rank 4) with random nonzero weights, saved as DUO saves it."""
-    from duobench.duo.loss import lora_attached, save_lora
+    from duobench.duo.loss import LORA_TARGETS
+    from duobench.lora import lora_attached, save_lora
 
     pipe = copy.deepcopy(base_pipe)
-    with lora_attached(pipe.unet, rank=4, alpha=4.0, seed=1) as parameters, torch.no_grad():
+    with lora_attached(pipe.unet, LORA_TARGETS, rank=4, alpha=4.0, seed=1) as parameters, torch.no_grad():
         for parameter in parameters:
             parameter.normal_(std=0.1, generator=torch.Generator().manual_seed(parameter.numel()))
         save_lora(pipe.unet, folder)

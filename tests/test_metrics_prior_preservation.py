@@ -13,9 +13,9 @@ from duobench.metrics.prior_preservation import (
     BACKBONE_FILES,
     LPIPS_ALEX_64,
     LPIPS_ALEX_NATIVE,
-    TOY_JUDGE_FEATURES,
     prior_preservation,
 )
+from duobench.toy.metrics import TOY_JUDGE_FEATURES
 
 lpips = pytest.importorskip("lpips")
 
@@ -101,7 +101,7 @@ def test_toy_preset_is_one_minus_the_toy_distance(monkeypatch):
         calls.append(len(images_a))
         return torch.tensor([0.1 * i for i in range(len(images_a))])
 
-    monkeypatch.setattr("duobench.toy.judge.toy_perceptual_distance", fake_toy_distance)
+    monkeypatch.setattr("duobench.toy.metrics.toy_perceptual_distance", fake_toy_distance)
     metric = TOY_JUDGE_FEATURES()
     metric.update(random_images(3, seed=5, size=32), references=random_images(3, seed=6, size=32))
     assert metric.compute()["prior_preservation"] == pytest.approx(1 - 0.1)

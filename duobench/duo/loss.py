@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from duobench.errors import DuobenchError
+from duobench.lora import lora_attached, save_lora
 
 if TYPE_CHECKING:
     from duobench.duo.method import DuoConfig
@@ -51,8 +52,6 @@ logger = logging.getLogger(__name__)
 
 LORA_TARGETS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0")
 """Self-attention projections only: the official scripts pass ``--no_cross_attn``."""
-TRAIN_ADAPTER = "duo_train"
-LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 
 
 def effective_learning_rate(base_lr: float, beta: float) -> float:
@@ -227,64 +226,6 @@ def duo_errors(
     )
 
 
-# ------------------------------------------------------------------------------------------------- LoRA
-
-
-@contextmanager
-def lora_attached(unet, rank: int, alpha: float, seed: int = 0) -> Iterator[list[torch.nn.Parameter]]:
-    """Attach a fresh trainable LoRA to ``unet`` and yield its parameters; remove it afterwards.
-
-    The Gaussian init of the LoRA's A matrices is drawn from ``seed`` (the official script's ``set_seed``
-    comes before the adapter is made), without disturbing the caller's global random state.
-
-    The base weights are frozen meanwhile and their ``requires_grad`` flags, the train/eval mode and the
-    module tree are restored on exit, so the caller's pipeline is left exactly as it was.
-    """
-    from diffusers.training_utils import cast_training_params
-    from peft import LoraConfig
-
-    if getattr(unet, "peft_config", None):
-        raise DuobenchError(
-            f"DUO trains from the base model, but this UNet already carries LoRA adapter(s) "
-            f"{sorted(unet.peft_config)}; call `pipe.unload_lora_weights()` first."
-        )
-    requires_grad = {name: p.requires_grad for name, p in unet.named_parameters()}
-    was_training = unet.training
-    unet.requires_grad_(False)
-    config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(LORA_TARGETS))
-    with torch.random.fork_rng(devices=[unet.device] if unet.device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        unet.add_adapter(config, adapter_name=TRAIN_ADAPTER)
-    cast_training_params(unet, dtype=torch.float32)  # LoRA in fp32 even when the base runs in fp16
-    try:
-        yield [p for p in unet.parameters() if p.requires_grad]
-    finally:
-        unet.unload_lora()
-        for name, parameter in unet.named_parameters():
-            parameter.requires_grad_(requires_grad[name])
-        unet.train(was_training)
-
-
-def save_lora(unet, folder: Path) -> Path:
-    """Write the trained adapter as ``pytorch_lora_weights.safetensors``, loadable by `load_lora_weights`."""
-    from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft.utils import get_peft_model_state_dict
-
-    state = get_peft_model_state_dict(unet, adapter_name=TRAIN_ADAPTER)
-    state = {name: tensor.detach().float().cpu().contiguous() for name, tensor in state.items()}
-    metadata = unet.peft_config[TRAIN_ADAPTER].to_dict()
-    metadata["target_modules"] = sorted(metadata["target_modules"])  # a set: sorted, so files are reproducible
-    folder.mkdir(parents=True, exist_ok=True)
-    StableDiffusionPipeline.save_lora_weights(
-        save_directory=folder,
-        unet_lora_layers=convert_state_dict_to_diffusers(state),
-        weight_name=LORA_WEIGHTS_NAME,
-        unet_lora_adapter_metadata=metadata,
-    )
-    return folder / LORA_WEIGHTS_NAME
-
-
 # ------------------------------------------------------------------------------------------------- loop
 
 
@@ -347,7 +288,7 @@ def train_lora(
     batches = epoch_batches(len(latents), config.micro_batch_pairs, accelerator.process_index, world, shuffle)
     history: list[dict[str, float]] = []
     last_checkpoint: Path | None = None
-    with lora_attached(unet, config.lora_rank, config.lora_alpha, config.seed) as lora_parameters:
+    with lora_attached(unet, LORA_TARGETS, config.lora_rank, config.lora_alpha, config.seed) as lora_parameters:
         optimizer = torch.optim.AdamW(
             lora_parameters, lr=learning_rate, betas=(0.9, 0.999), eps=1e-8, weight_decay=config.weight_decay
         )

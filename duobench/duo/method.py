@@ -13,14 +13,12 @@ Periodic ``checkpoint-<step>/`` folders and a ``training_log.jsonl`` sit beside 
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from duobench.concepts import Concept
 from duobench.duo.loss import (
-    LORA_WEIGHTS_NAME,
     effective_lambda,
     effective_learning_rate,
     encode_pairs,
@@ -28,6 +26,7 @@ from duobench.duo.loss import (
 )
 from duobench.duo.pairs import build_pair_set, load_judge, sub_concepts
 from duobench.errors import DuobenchError
+from duobench.lora import apply_loras
 from duobench.methods import MethodSpec, read_card, write_card
 
 
@@ -163,29 +162,11 @@ def apply(pipe, artifact_dir: Path, strength: float = 1.0) -> None:
     """
     if not 0.0 <= strength <= 1.0:
         raise DuobenchError(f"DUO strength is a LoRA scale in [0, 1], got {strength}.")
-    artifact_dir = Path(artifact_dir)
     try:
-        card = read_card(artifact_dir)
+        card = read_card(Path(artifact_dir))
     except FileNotFoundError as error:
         raise DuobenchError(f"{artifact_dir} is not a DUO artifact: it has no card.json.") from error
-    loaded = set(pipe.get_list_adapters().get("unet", []))
-    names, weights = [], []
-    for lora in card["loras"]:
-        folder = artifact_dir / lora["folder"]
-        if not (folder / LORA_WEIGHTS_NAME).exists():
-            raise DuobenchError(f"DUO artifact {artifact_dir} is incomplete: {folder / LORA_WEIGHTS_NAME} is missing.")
-        name = adapter_name(artifact_dir, lora["name"])
-        if name not in loaded:
-            pipe.load_lora_weights(folder, weight_name=LORA_WEIGHTS_NAME, adapter_name=name)
-        names.append(name)
-        weights.append(strength * float(lora["weight"]))
-    pipe.set_adapters(names, adapter_weights=weights)
-
-
-def adapter_name(artifact_dir: Path, lora: str) -> str:
-    """A name unique to this artifact and LoRA, and free of the dots that torch module names forbid."""
-    digest = hashlib.sha1(str(Path(artifact_dir).resolve()).encode()).hexdigest()[:10]
-    return f"duo_{digest}_{''.join(c if c.isalnum() else '_' for c in lora)}"
+    apply_loras(pipe, artifact_dir, card["loras"], strength, prefix="duo")
 
 
 SPEC = MethodSpec(

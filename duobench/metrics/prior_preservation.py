@@ -8,8 +8,8 @@ The LPIPS backbone and the resolution move the number, so both are part of the p
   ``lpips_eval.py`` (``imsize = 64``, inputs mapped to [-1, 1]);
 - ``lpips-alex-native``: AlexNet at the generated resolution (ErasureBenchmark, torchmetrics' default);
 - ``lpips-vgg``: VGG-16 at 256x256, as HELM/HEIM;
-- ``toy-judge-features``: *not LPIPS*: the toy world's stand-in (`duobench.toy.judge.toy_perceptual_distance`,
-  the toy judge's normalised conv features), for runs on the offline toy model.
+- ``toy-judge-features`` (`duobench.toy.metrics`): *not LPIPS*: the toy world's stand-in, the same metric
+  with the toy judge's feature distance plugged in as ``distance``.
 
 LPIPS itself is `lpips.LPIPS` (v0.1): its linear heads ship inside the pip package, the ImageNet backbone
 comes through torchvision's download into the torch hub cache. Offline without that file the user gets one
@@ -112,20 +112,6 @@ def lpips_weights(net: str) -> tuple[str, str]:
     return f"{backbone} + {linear}", f"{sha256_file(backbone)}+{sha256_file(linear)}"
 
 
-def toy_distance(images_a: Sequence[Image.Image], images_b: Sequence[Image.Image]):
-    from duobench.toy.judge import toy_perceptual_distance
-
-    return toy_perceptual_distance(list(images_a), list(images_b))
-
-
-def toy_judge_weights() -> tuple[str, str]:
-    """The toy judge's weights file and sha256 (empty while the toy world is not built yet)."""
-    from duobench.toy.judge import WEIGHTS_FILE, default_judge_folder
-
-    path = default_judge_folder() / WEIGHTS_FILE
-    return str(path), sha256_file(path) if path.is_file() else ""
-
-
 References = Mapping[Any, Image.Image | str | Path] | Callable[[Any], Image.Image]
 
 
@@ -149,12 +135,8 @@ class PriorPreservation(StreamingMetric):
     ) -> None:
         params = card.params
         if distance is None:
-            if params["distance"] == "toy-judge-features":
-                distance = toy_distance
-                card = with_weights(card, *toy_judge_weights())
-            else:
-                distance = LpipsDistance(params["net"], params["size"], device)
-                card = with_weights(card, *lpips_weights(params["net"]))
+            distance = LpipsDistance(params["net"], params["size"], device)
+            card = with_weights(card, *lpips_weights(params["net"]))
         self.distance, self.references, self.batch_size, self.card = distance, references, batch_size, card
         super().__init__()
 
@@ -264,19 +246,6 @@ LPIPS_VGG = MetricPreset(
         [256, 256],
         "1 − LPIPS(vgg) at 256x256, as HELM/HEIM.",
         "HELM/HEIM (torchmetrics LPIPS vgg at 256x256)",
-    ),
-    PriorPreservation,
-    "metric",
-)
-TOY_JUDGE_FEATURES = MetricPreset(
-    MetricCard(
-        name="toy-judge-features",
-        version=1,
-        description="TOY STAND-IN FOR LPIPS (not LPIPS): 1 − distance in the toy judge's normalised conv "
-        "features; only meaningful in the offline toy world.",
-        source="duobench.toy.judge.toy_perceptual_distance",
-        params={"distance": "toy-judge-features", "stand_in_for": "lpips"},
-        weights="duobench/toy judge weights",
     ),
     PriorPreservation,
     "metric",

@@ -20,9 +20,17 @@ import torch
 from PIL import Image
 
 from duobench.errors import DuobenchError
-from duobench.metrics.base import MetricCard, MetricPreset, StreamingMetric
+from duobench.metrics.base import MetricCard, MetricPreset, StreamingMetric, sha256_file, with_weights
 from duobench.metrics.fid import InceptionDistances
-from duobench.toy.judge import JUDGE_SHAPE_LABELS, ToyJudge, toy_judge_card
+from duobench.metrics.prior_preservation import PriorPreservation
+from duobench.toy.judge import (
+    JUDGE_SHAPE_LABELS,
+    WEIGHTS_FILE,
+    ToyJudge,
+    default_judge_folder,
+    toy_judge_card,
+    toy_perceptual_distance,
+)
 from duobench.toy.shapes import COLOUR_NAMES, COLOUR_SYNONYMS, IMAGE_SIZE, SHAPE_SYNONYMS
 
 FEATURE_DIM = 128
@@ -132,5 +140,27 @@ FID_TOY = MetricPreset(
         params={"mode": "clean", "feature_dim": FEATURE_DIM, "keep_features_up_to": 4096, "headline": "fid"},
     ),
     toy_fid,
+    "metric",
+)
+
+
+def toy_prior_preservation(card: MetricCard, **kwargs: Any) -> PriorPreservation:
+    """`PriorPreservation` with the toy judge's feature distance in place of LPIPS."""
+    path = default_judge_folder() / WEIGHTS_FILE
+    card = with_weights(card, str(path), sha256_file(path) if path.is_file() else "")
+    return PriorPreservation(card, distance=lambda a, b: toy_perceptual_distance(list(a), list(b)), **kwargs)
+
+
+TOY_JUDGE_FEATURES = MetricPreset(
+    MetricCard(
+        name="toy-judge-features",
+        version=1,
+        description="TOY STAND-IN FOR LPIPS (not LPIPS): 1 − distance in the toy judge's normalised conv "
+        "features; only meaningful in the offline toy world.",
+        source="duobench.toy.judge.toy_perceptual_distance",
+        params={"distance": "toy-judge-features", "stand_in_for": "lpips"},
+        weights="duobench/toy judge weights",
+    ),
+    toy_prior_preservation,
     "metric",
 )

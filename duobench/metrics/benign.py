@@ -1,0 +1,111 @@
+"""The run's benign-prompt metrics (prior preservation, CLIP score, FID) wired to the stage cache.
+
+Each metric's result is cached under the keys of the images it read and its card's identity (id, parameters,
+pinned weights sha256), so a card version bump recomputes that metric alone.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from duobench.items import WorkItem
+from duobench.metrics.base import card_identity, load_images
+from duobench.stages import StageCache
+
+
+def preset_identity(preset: str) -> dict[str, Any]:
+    """A stage-cache key's part for a judge or metric preset: its card's id (name@version), parameters and
+    pinned weights sha256 (`duobench.metrics.base.card_identity`), read without loading any weights. A card
+    version bump recomputes exactly the stages that use it."""
+    from duobench.registry import METRICS
+
+    return card_identity(METRICS.get(preset).card)
+
+
+def benign_metrics(
+    stages: StageCache,
+    presets: dict[str, str],
+    fid_reference: str,
+    items: list[WorkItem],
+    base_paths: list[Path],
+    target_paths: list[Path],
+) -> dict[str, Any]:
+    """Prior preservation, CLIP score and FID on the benign prompts, each cached by image keys and card.
+
+    ``base_paths`` and ``target_paths`` are the base and the evaluated model's images of the same ``items``,
+    in order (so pairs are matched by prompt, seed and sampler).
+    """
+    from duobench.registry import METRICS
+
+    keys = [path.stem for path in target_paths]
+    base_keys = [path.stem for path in base_paths]
+    results: dict[str, Any] = {}
+
+    def prior() -> dict[str, Any]:
+        return _prior_preservation(presets["prior_preservation"], base_paths, target_paths)
+
+    results["prior_preservation"] = stages.run(
+        "prior_preservation", {"card": preset_identity(presets["prior_preservation"]), "a": base_keys, "b": keys}, prior
+    )
+
+    def clip() -> dict[str, Any]:
+        metric = METRICS.get(presets["clip_score"])()
+        for start in range(0, len(items), 64):
+            batch = items[start : start + 64]
+            metric.update(load_images(target_paths[start : start + 64]), prompts=[item.prompt for item in batch])
+        return metric.compute()
+
+    results["clip_score"] = stages.run(
+        "clip_score",
+        {"card": preset_identity(presets["clip_score"]), "images": keys, "prompts": [i.prompt for i in items]},
+        clip,
+    )
+
+    def frechet() -> dict[str, Any]:
+        return _fid(presets["fid"], fid_reference, base_paths, target_paths)
+
+    reference_payload = fid_reference or base_keys
+    results["fid"] = stages.run(
+        "fid", {"card": preset_identity(presets["fid"]), "images": keys, "reference": reference_payload}, frechet
+    )
+    return results
+
+
+def _fid(preset: str, reference: str, base_paths: list[Path], target_paths: list[Path]) -> dict[str, Any]:
+    """FID (+ KID) of the unlearned model's benign images against ``reference`` or, without one, against
+    the base model's images for the same prompts and seeds (drift from the original model)."""
+    import numpy as np
+
+    from duobench.metrics.fid import canonical_order, kernel_distance
+    from duobench.registry import METRICS
+
+    if reference:
+        metric = METRICS.get(preset)(reference=reference)
+    else:
+        base_metric = METRICS.get(preset)(reference=(np.zeros(1), np.zeros((1, 1))))
+        for start in range(0, len(base_paths), 64):
+            base_metric.update(load_images(base_paths[start : start + 64]))
+        metric = METRICS.get(preset)(reference=base_metric.mean_and_covariance())
+    for start in range(0, len(target_paths), 64):
+        metric.update(load_images(target_paths[start : start + 64]))
+    result = metric.compute()
+    if not reference and base_metric.state()["features"] and metric.state()["features"]:
+        result["kid"] = kernel_distance(
+            canonical_order(np.concatenate(base_metric.state()["features"])),
+            canonical_order(np.concatenate(metric.state()["features"])),
+        )
+    result["reference"] = reference or "base model, same benign prompts and seeds"
+    return result
+
+
+def _prior_preservation(preset: str, base_paths: list[Path], target_paths: list[Path]) -> dict[str, Any]:
+    from duobench.registry import METRICS
+
+    metric = METRICS.get(preset)()
+    for start in range(0, len(target_paths), 64):
+        metric.update(
+            load_images(target_paths[start : start + 64]),
+            references=load_images(base_paths[start : start + 64]),
+        )
+    return metric.compute()
