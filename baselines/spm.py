@@ -31,11 +31,15 @@ Deliberate differences from the official code:
 - The anchor batch: the official code builds ``[∅, s1, ∅, s2, ∅, s3, ∅, s4]`` and its CFG-style split keeps
   only the second half, so its loss sees ``[∅, s3, ∅, s4]``: two random anchors and two copies of the empty
   prompt. We build exactly that batch (``anchor_samples // 2`` pairs) instead of computing the discarded half.
-- Facilitated transport is computed per UNet row from the row's own embedding, inside the UNet call, so it
-  also holds for callers that bypass the pipeline (white-box attacks). Token ids are known for embeddings the
-  text encoder produced during the session; for a raw embedding (an inverted concept) only the cosine term
-  applies. Under classifier-free guidance the unconditional row gets γ("") rather than the prompt's γ
-  (the official code scaled the whole network by the prompt's γ for both rows).
+- Facilitated transport is computed per UNet row, as an edit that wraps the generator (`SPMHook`, the seam
+  of `duobench.generator`): around each sampling loop γ is set for every row from the conditioning the
+  generator built, the row's embedding for the cosine term and, where known, the ids it was encoded from for
+  the token term (text and token-id prompts, and the negative prompt; not a replayed embedding such as an
+  inverted concept, nor another edit's extra rows, which get the cosine term alone). So under
+  classifier-free guidance the unconditional row gets γ(negative prompt) rather than the prompt's γ (the
+  official code scaled the whole network by the prompt's γ for both rows). Callers that bypass the generator
+  and call the UNet directly (white-box attacks) still meet SPM: a UNet pre-hook computes γ from the call's
+  own ``encoder_hidden_states``, with the cosine term only, since token ids are known only to the generator.
 - Training runs in fp32 as the official code does (a half-precision pipe's UNet is copied to fp32 for it);
   at inference the base UNet keeps the pipe's dtype and the fp32 adapters' output is cast to it.
 
@@ -48,10 +52,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import math
-import weakref
-from collections import OrderedDict
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,14 +65,13 @@ from torch import nn
 from duobench.baselines.rollout import denoise_partially, initial_noise, loss_summary, predict_noise
 from duobench.concepts import Concept
 from duobench.errors import DuobenchError
-from duobench.generator import encode_token_ids, tokenize
+from duobench.generator import Conditioning, SamplingHook, encode_token_ids, tokenize
 from duobench.methods import MethodSpec, read_card, write_card
 
 ADAPTER_FILE = "spm.safetensors"
 KEY_PREFIX = "lora_unet_"
 MODULES_PER_TRANSFORMER = 2  # proj_in, proj_out
 MODULES_PER_BLOCK = 10  # attn1 q/k/v/out, attn2 q/k/v/out, ff in, ff out
-TOKEN_MEMORY = 4096
 
 
 @dataclass(frozen=True)
@@ -137,54 +138,43 @@ def adapted_modules(unet) -> dict[str, nn.Module]:
 class FacilitatedTransport:
     """γ per UNet row: max(clip cosine, token overlap) of the row's prompt with the erased prompts.
 
-    A forward hook on the text encoder remembers which token ids produced which embedding (by a digest of
-    its values), so that the UNet-side hook can compute the token term for the rows it receives.
+    The token term needs the ids a row was encoded from. They are passed in where they are known (the
+    generator's conditioning, see `SPMHook`); a row without them (a replayed embedding, another hook's extra
+    row, a direct UNet call) gets the cosine term alone.
     """
 
     def __init__(self, pipe, erased_prompts: list[str]) -> None:
         ids = tokenize(pipe, erased_prompts)
         self.special_ids = set(pipe.tokenizer.all_special_ids)
         self.erased_embeddings = F.normalize(encode_token_ids(pipe, ids).flatten(1).float(), dim=1)
-        self.erased_tokens = [set(row.tolist()) - self.special_ids for row in ids]
-        self.tokens_by_embedding: OrderedDict[bytes, set[int]] = OrderedDict()
-        self._last: tuple[weakref.ref, int, torch.Tensor] | None = None
+        self.erased_tokens = [self.tokens(row) for row in ids]
 
-    @staticmethod
-    def _digest(embedding: torch.Tensor) -> bytes:
-        return hashlib.sha1(embedding.detach().to("cpu", torch.float32).numpy().tobytes()).digest()
+    def tokens(self, ids: torch.Tensor) -> set[int]:
+        """The prompt's words: its non-special token ids (start, end and padding carry no concept)."""
+        return set(ids.tolist()) - self.special_ids
 
-    def remember_tokens(self, module, args, kwargs, output) -> None:
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
-        if input_ids is None:
-            return
-        for ids, embedding in zip(input_ids, output[0], strict=True):
-            self.tokens_by_embedding[self._digest(embedding)] = set(ids.tolist()) - self.special_ids
-        while len(self.tokens_by_embedding) > TOKEN_MEMORY:
-            self.tokens_by_embedding.popitem(last=False)
-
-    def gammas(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """γ for each row of ``embeddings`` (N × L × D); cached while the pipeline reuses the same tensor."""
-        if self._last is not None and self._last[0]() is embeddings and self._last[1] == embeddings._version:
-            return self._last[2]
+    def gammas(self, embeddings: torch.Tensor, token_ids: Sequence[torch.Tensor | None] = ()) -> torch.Tensor:
+        """γ for each row of ``embeddings`` (N × L × D); ``token_ids[i]`` None, or missing, means unknown."""
         flat = F.normalize(embeddings.detach().flatten(1).float(), dim=1)
         clip_cosine = flat @ self.erased_embeddings.to(flat.device).T
         token_overlap = torch.zeros_like(clip_cosine)
-        for row, embedding in enumerate(embeddings):
-            tokens = self.tokens_by_embedding.get(self._digest(embedding))
-            if tokens is not None:
-                for column, erased in enumerate(self.erased_tokens):
-                    token_overlap[row, column] = len(tokens & erased) / max(len(erased), 1)
-        gammas = torch.maximum(clip_cosine, token_overlap).amax(dim=1)
-        self._last = (weakref.ref(embeddings), embeddings._version, gammas)
-        return gammas
+        for row, ids in enumerate(token_ids):
+            if ids is None:
+                continue
+            tokens = self.tokens(ids)
+            for column, erased in enumerate(self.erased_tokens):
+                token_overlap[row, column] = len(tokens & erased) / max(len(erased), 1)
+        return torch.maximum(clip_cosine, token_overlap).amax(dim=1)
 
 
 class SPMNetwork(nn.Module):
-    """The adapters of one UNet, attached as ``unet.spm`` so they move with it and enter its fingerprint.
+    """The adapters of one UNet, run by forward hooks on the layers they sit beside.
 
-    The buffers ``multiplier`` and ``fixed_gamma`` mirror the inference settings into the state dict (so the
-    pipeline fingerprint, hence the image cache, tells settings apart); ``fixed_gamma`` 0 means
-    facilitated transport.
+    The network is never registered in the UNet, so the UNet's state dict stays the base model's: the image
+    cache tells SPM settings apart by the edit chain (`duobench.edits.Edit.identity`), not by weights. The
+    adapter output is scaled by ``multiplier · γ²``; ``gammas`` is one γ for every row (1 in training, the
+    fixed γ of ``fixed_multiplier``) or, for facilitated transport, a tensor with one γ per UNet row that
+    `SPMHook` sets for each UNet call (None until it has).
     """
 
     def __init__(self, unet, seed: int = 0) -> None:
@@ -195,55 +185,34 @@ class SPMNetwork(nn.Module):
             {KEY_PREFIX + path.replace(".", "_"): RankOneAdapter(module, generator) for path, module in targets.items()}
         )
         self.adapters.to(device=unet.device, dtype=torch.float32)
-        self.register_buffer("multiplier", torch.tensor(0.0))
-        self.register_buffer("fixed_gamma", torch.tensor(1.0))
-        self.transport: FacilitatedTransport | None = None
-        self._multiplier = 0.0
-        self._fixed_gamma = 1.0
-        self._row_gammas: torch.Tensor | None = None
+        self.multiplier = 0.0
+        self.gammas: torch.Tensor | float | None = 1.0
         self._adapter_hooks = [
             module.register_forward_hook(self._adapter_hook(adapter))
             for module, adapter in zip(targets.values(), self.adapters.values(), strict=True)
         ]
-        self._transport_hooks: list = []
-
-    def set_inference(self, pipe, multiplier: float, fixed_gamma: float | None, erased_prompts: list[str]) -> None:
-        """Multiplier ``strength``; a fixed γ, or facilitated transport against ``erased_prompts``."""
-        self._multiplier = float(multiplier)
-        self._fixed_gamma = float(fixed_gamma) if fixed_gamma is not None else 0.0
-        self.multiplier.fill_(self._multiplier)
-        self.fixed_gamma.fill_(self._fixed_gamma)
-        self._remove_transport()
-        if fixed_gamma is None:
-            self.transport = FacilitatedTransport(pipe, erased_prompts)
-            self._transport_hooks = [
-                pipe.text_encoder.register_forward_hook(self.transport.remember_tokens, with_kwargs=True),
-                pipe.unet.register_forward_pre_hook(self._set_row_gammas, with_kwargs=True),
-            ]
 
     @contextlib.contextmanager
-    def active(self, multiplier: float):
+    def active(self, multiplier: float) -> Iterator[None]:
         """Run with the adapters scaled by ``multiplier`` (0: the frozen base model), restoring after."""
-        saved = self._multiplier
-        self._multiplier = float(multiplier)
+        saved = self.multiplier
+        self.multiplier = float(multiplier)
         try:
             yield
         finally:
-            self._multiplier = saved
-
-    def _set_row_gammas(self, module, args, kwargs) -> None:
-        embeddings = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
-        self._row_gammas = self.transport.gammas(embeddings) if embeddings is not None else None
+            self.multiplier = saved
 
     def _scale(self, output: torch.Tensor) -> torch.Tensor | float | None:
-        if self._multiplier == 0.0:
+        if self.multiplier == 0.0:
             return None
-        if self.transport is None:
-            return self._multiplier * self._fixed_gamma**2
-        gammas = self._row_gammas.to(output.device)
+        if self.gammas is None:
+            raise RuntimeError("SPM's facilitated transport has no γ for this UNet call.")
+        if isinstance(self.gammas, float):
+            return self.multiplier * self.gammas**2
+        gammas = self.gammas.to(output.device)
         if gammas.shape[0] != output.shape[0]:
             raise RuntimeError(f"SPM got {gammas.shape[0]} transport multipliers for a batch of {output.shape[0]}")
-        return (self._multiplier * gammas**2).view(-1, *[1] * (output.dim() - 1))
+        return (self.multiplier * gammas**2).view(-1, *[1] * (output.dim() - 1))
 
     def _adapter_hook(self, adapter: RankOneAdapter):
         def hook(module, inputs, output):
@@ -255,35 +224,78 @@ class SPMNetwork(nn.Module):
 
         return hook
 
-    def _remove_transport(self) -> None:
-        for handle in self._transport_hooks:
-            handle.remove()
-        self._transport_hooks = []
-        self.transport = None
-
     def remove(self) -> None:
-        """Unhook everything: the UNet computes the base model again."""
-        self._remove_transport()
+        """Unhook the adapters: the UNet computes the base model again."""
         for handle in self._adapter_hooks:
             handle.remove()
         self._adapter_hooks = []
 
 
-def attach(unet) -> SPMNetwork:
-    """The UNet's SPM adapters, created (at zero, multiplier 0) on first use."""
-    network = getattr(unet, "spm", None)
-    if not isinstance(network, SPMNetwork):
-        network = SPMNetwork(unet)
-        unet.add_module("spm", network)
-    return network
+class SPMHook(SamplingHook):
+    """SPM at inference: trained adapters hooked into the UNet, and each UNet row's γ.
 
+    Through the generator, γ is computed once per batch from the conditioning (`unet_call`), for the rows in
+    the generator's layout: each row's embedding gives the cosine term, and its token ids the token term
+    (prompt rows: the conditioning's ids, None for a replayed embedding; negative rows: the tokenised
+    negative prompt; another hook's extra rows: unknown, so the cosine term alone). A UNet call outside a
+    sampling loop (white-box attacks call ``pipe.unet`` directly) gets γ from its own
+    ``encoder_hidden_states`` by a forward pre-hook: the cosine term only, as the ids are not known there.
+    With a fixed γ there is nothing to compute per row.
+    """
 
-def detach(unet) -> None:
-    """Remove the adapters and their hooks: the UNet is the base model again."""
-    network = getattr(unet, "spm", None)
-    if isinstance(network, SPMNetwork):
-        network.remove()
-        del unet.spm
+    name = "spm"
+
+    def __init__(self, pipe, network: SPMNetwork, transport: FacilitatedTransport | None) -> None:
+        self.pipe = pipe
+        self.network = network
+        self.transport = transport
+        self._in_loop = False
+        self._fallback = (
+            pipe.unet.register_forward_pre_hook(self._fallback_hook(), with_kwargs=True) if transport else None
+        )
+
+    def row_token_ids(self, rows: torch.Tensor, conditioning: Conditioning) -> list[torch.Tensor | None]:
+        """Each UNet row's token ids where known: ``[negative rows, prompt rows, extra rows]`` under
+        classifier-free guidance, the prompt rows alone without (`duobench.generator.Generator.denoise`)."""
+        count = len(conditioning.token_ids)
+        if rows.shape[0] == count:
+            return list(conditioning.token_ids)
+        negative = list(tokenize(self.pipe, conditioning.negative_prompts))
+        return [*negative, *conditioning.token_ids] + [None] * (rows.shape[0] - 2 * count)
+
+    def row_gammas(self, rows: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
+        return self.transport.gammas(rows, self.row_token_ids(rows, conditioning))
+
+    @contextlib.contextmanager
+    def unet_call(self, rows: torch.Tensor, conditioning: Conditioning) -> Iterator[None]:
+        if self.transport is None:
+            yield
+            return
+        saved = self.network.gammas, self._in_loop
+        self.network.gammas, self._in_loop = self.row_gammas(rows, conditioning), True
+        try:
+            yield
+        finally:
+            self.network.gammas, self._in_loop = saved
+
+    def _fallback_hook(self):
+        """The UNet pre-hook for calls outside a sampling loop (a closure, like the adapter hooks, so that a
+        deep copy of the UNet keeps driving the same adapters)."""
+
+        def hook(module, args, kwargs) -> None:
+            if self._in_loop:
+                return
+            embeddings = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
+            self.network.gammas = self.transport.gammas(embeddings) if embeddings is not None else None
+
+        return hook
+
+    def remove(self) -> None:
+        """Unhook the adapters and the UNet pre-hook: the UNet computes the base model again."""
+        self.network.remove()
+        if self._fallback is not None:
+            self._fallback.remove()
+            self._fallback = None
 
 
 def anchor_embeddings(target: torch.Tensor, empty: torch.Tensor, count: int, generator) -> torch.Tensor:
@@ -386,25 +398,41 @@ def train(config: SPMConfig, pipe, concept: Concept, out_dir: Path) -> None:
     )
 
 
-def apply(pipe, artifact_dir: Path, strength: float = 1.0) -> None:
-    """Attach the trained adapters to ``pipe.unet`` at multiplier ``strength`` (idempotent; 0 = base)."""
-    path = Path(artifact_dir) / ADAPTER_FILE
-    if not path.exists():
-        raise DuobenchError(f"{artifact_dir} holds no {ADAPTER_FILE}; it is not an SPM artifact.")
-    with safe_open(str(path), "pt") as handle:
-        erased_prompts = (handle.metadata() or {}).get("prompts", "").split(",")
-    fixed_multiplier = read_card(Path(artifact_dir))["config"].get("fixed_multiplier")
-    network = attach(pipe.unet)
+def load_adapters(unet, path: Path) -> SPMNetwork:
+    """The adapters saved at ``path``, hooked into ``unet`` at multiplier 0 (the base model)."""
     weights = load_file(str(path))
+    network = SPMNetwork(unet)
     expected = set(network.adapters.state_dict())
     if set(weights) != expected:
+        network.remove()
         raise DuobenchError(
             f"The adapters in {path} do not fit this UNet ({len(set(weights) ^ expected)} keys differ); "
             "they were trained on a different base architecture."
         )
     network.adapters.load_state_dict(weights)
     network.requires_grad_(False)
-    network.set_inference(pipe, strength, fixed_multiplier, erased_prompts)
+    return network
+
+
+def apply(pipe, artifact_dir: Path, strength: float = 1.0) -> SPMHook:
+    """Hook the trained adapters into ``pipe.unet`` at multiplier ``strength`` (0: the base model, bit for bit).
+
+    Every call adds its own adapters (two SPM edits in a chain both act); the returned hook's ``remove``
+    takes them out. The adapters stay on the device the UNet was on when applied.
+    """
+    path = Path(artifact_dir) / ADAPTER_FILE
+    if not path.exists():
+        raise DuobenchError(f"{artifact_dir} holds no {ADAPTER_FILE}; it is not an SPM artifact.")
+    with safe_open(str(path), "pt") as handle:
+        erased_prompts = (handle.metadata() or {}).get("prompts", "").split(",")
+    fixed_multiplier = read_card(Path(artifact_dir))["config"].get("fixed_multiplier")
+    network = load_adapters(pipe.unet, path)
+    network.multiplier = float(strength)
+    if fixed_multiplier is not None:
+        network.gammas = float(fixed_multiplier)
+        return SPMHook(pipe, network, None)
+    network.gammas = None
+    return SPMHook(pipe, network, FacilitatedTransport(pipe, erased_prompts))
 
 
 SPM = MethodSpec(
@@ -413,5 +441,6 @@ SPM = MethodSpec(
     train=train,
     apply=apply,
     description="SPM: rank-1 membrane adapters with latent anchoring and facilitated transport",
+    touches=("unet",),
     seed_fields=("seed",),
 )
