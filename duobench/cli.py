@@ -324,36 +324,11 @@ def leaderboard(
     )
     print_summary(summaries)
     if sweep:
-        from dataclasses import replace
-
-        from duobench.curves import parse_sweep, write_curve
-        from duobench.curves import sweep as run_sweep
-        from duobench.leaderboard import seeded_method_options
+        from duobench.curves import parse_sweep
+        from duobench.leaderboard import write_grid_curves
 
         knob, values = parse_sweep(sweep)
-        points = []
-        for method in (m for m in method_list if m != "none"):
-            # The curve follows the first training seed's model: no extra training.
-            _, options = seeded_method_options(method, run_config.method_options, seeds)[0]
-            for attack in attack_list:
-                points += run_sweep(
-                    replace(
-                        run_config,
-                        method=method,
-                        attack=attack,
-                        method_options=options,
-                        out=str(Path(run_config.out) / f"curve-{method}__{attack}"),
-                    ),
-                    knob,
-                    values,
-                    stages,
-                )
-        write_curve(
-            points,
-            csv_path.with_name(csv_path.stem + "-curve.csv"),
-            csv_path.with_name(csv_path.stem + "-curve.png"),
-            title=f"{run_config.concept} on {run_config.model}",
-        )
+        write_grid_curves(run_config, method_list, attack_list, seeds, knob, values, stages, csv_path)
     console.print(
         f"leaderboard: {csv_path} and {csv_path.with_suffix('.md')} "
         f"({sum(stages.hits.values())} cached stage results reused)"
@@ -395,27 +370,41 @@ def attack(
     out: Path = typer.Option(Path("attack.csv"), help="CSV of adversarial prompts (+ token ids)."),
     device: str | None = typer.Option(None, help="cuda, cpu, ..."),
 ) -> None:
-    """Compute an attack's adversarial prompts for a concept and write them as CSV (+ token ids)."""
+    """Compute an attack's adversarial prompts for a concept and write them as CSV (+ token ids); for a
+    model-changing attack (finetune), train its edit and print where it is."""
     from duobench.attacks.base import Budget
-    from duobench.attacks.run import run_attack, write_attack_csv
+    from duobench.attacks.run import produces, run_attack, run_edit_attack, write_attack_csv
     from duobench.metrics.dsr import build_judge
-    from duobench.run_config import RunConfig
+    from duobench.run_config import RunConfig, attack_options, check_run_config
     from duobench.runner import prepare
 
-    context = prepare(RunConfig(method=method, attack=attack, concept=concept, model=model, device=device))
-    set_name = prompt_set or context.concept.default_prompt_set
-    results = run_attack(
-        attack,
-        context.concept,
-        context.target,
-        context.base,
-        set_name,
-        Budget(steps=steps, queries=queries),
-        judge=build_judge(context.concept.judge),
-        options=parse_options(attack_opt),
-        settings=context.settings,
-        limit=limit,
+    config = check_run_config(
+        RunConfig(
+            method=method,
+            attack=attack,
+            concept=concept,
+            model=model,
+            device=device,
+            prompt_set=prompt_set or "",
+            limit=limit,
+            attack_steps=steps,
+            attack_queries=queries,
+            attack_options=parse_options(attack_opt),
+        )
     )
+    context = prepare(config)
+    arguments = (attack, context.concept, context.target, context.base, context.plan.prompt_set)
+    budget = Budget(steps=steps, queries=queries)
+    common = dict(
+        judge=build_judge(context.concept.judge),
+        options=attack_options(context.concept, attack, config.attack_options),
+        settings=context.settings,
+    )
+    if produces(context.plan.attack) == "edit":
+        edit = run_edit_attack(*arguments, budget, **common)
+        console.print(f"{attack} edit of {method}: {edit.artifact}")
+        return
+    results = run_attack(*arguments, budget, **common)
     write_attack_csv(results, out)
     console.print(f"{len(results)} adversarial prompts → {out}")
 

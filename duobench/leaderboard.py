@@ -109,6 +109,37 @@ def run_grid(
     return rows, summaries
 
 
+def write_grid_curves(
+    config: RunConfig,
+    methods: list[str],
+    attacks: list[str],
+    training_seeds: list[int] | None,
+    knob: str,
+    values: list[float],
+    stages: StageCache,
+    csv_path: Path,
+) -> Path:
+    """A sweep of ``knob`` for every (method, attack) of the grid, drawn beside the leaderboard
+    (``<stem>-curve.csv`` and ``.png``). It follows each method's first training seed: no extra training."""
+    from duobench.curves import sweep, write_curve
+
+    points = []
+    for method in (m for m in methods if m != "none"):
+        _, options = seeded_method_options(method, config.method_options, training_seeds)[0]
+        for attack in attacks:
+            cell = replace(
+                config,
+                method=method,
+                attack=attack,
+                method_options=options,
+                out=str(Path(config.out) / f"curve-{method}__{attack}"),
+            )
+            points += sweep(cell, knob, values, stages)
+    curve = csv_path.with_name(csv_path.stem + "-curve.csv")
+    write_curve(points, curve, curve.with_suffix(".png"), title=f"{config.concept} on {config.model}")
+    return curve
+
+
 def across_training_seeds(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per (method, attack): mean, sample standard deviation and a 95% Student-t interval of the
     mean of each headline number over the training seeds (spread and interval empty with one training).

@@ -45,8 +45,9 @@ class RunPlan:
     """Everything a run needs that costs no model work, resolved and checked before any model loads.
 
     Building the plan loads the concept and both prompt sets (an HF dataset included), builds the method's
-    and the attack's configs and looks up every metric preset: a missing dataset, an unknown option or
-    a bad value fails here, in seconds, instead of after the method's training.
+    and the attack's configs and builds every judge and metric preset once (which loads their weights): a
+    missing dataset or weights file, an unknown option or a bad value fails here, in seconds, instead of
+    after the method's training.
     """
 
     config: RunConfig
@@ -62,8 +63,9 @@ def plan_run(config: RunConfig) -> RunPlan:
     from duobench.attacks.run import make_attack
     from duobench.methods import make_config
     from duobench.prompts import load_prompt_set
-    from duobench.registry import METHODS, METRICS
+    from duobench.registry import METHODS
     from duobench.run_config import check_run_config
+    from duobench.validate import load_preset
 
     check_run_config(config)
     concept = load_concept(config.concept)
@@ -74,8 +76,8 @@ def plan_run(config: RunConfig) -> RunPlan:
         attack = make_attack(config.attack, attack_options(concept, config.attack, config.attack_options))
         Budget(steps=config.attack_steps, queries=config.attack_queries)
     presets = metric_presets(concept, config)
-    for preset in [concept.judge, *presets.values()]:
-        METRICS.get(preset)
+    for role, preset in {"judge": concept.judge, **presets}.items():
+        load_preset(role, preset)
     set_name = config.prompt_set or concept.default_prompt_set
     if set_name not in concept.prompt_sets:
         raise DuobenchError(

@@ -65,7 +65,7 @@ def model_reachable(model: str) -> str:
 def validate_run(config: RunConfig) -> list[Check]:
     from duobench.concepts import load_concept
     from duobench.prompts import load_prompt_set
-    from duobench.registry import ATTACKS, METHODS, METRICS
+    from duobench.registry import ATTACKS, METHODS
 
     checks = [_check("model", lambda: model_reachable(config.model))]
     concept_check = _check("concept", lambda: load_concept(config.concept).path)
@@ -99,14 +99,18 @@ def validate_run(config: RunConfig) -> list[Check]:
     checks.append(_check("attack options", lambda: _attack_config(config, concept)))
     presets = {"judge": concept.judge, **metric_presets(concept, config)}
     for role, preset in presets.items():
-
-        def build(preset=preset, role=role):
-            kwargs = {"reference": (None, None)} if role == "fid" else {}
-            built = METRICS.get(preset)(**kwargs)
-            return f"{built.card.id} ({built.card.weights or 'no weights'})"
-
-        checks.append(_check(f"{role} weights", build))
+        checks.append(_check(f"{role} weights", lambda preset=preset, role=role: load_preset(role, preset)))
     return checks
+
+
+def load_preset(role: str, preset: str) -> str:
+    """Build a judge or metric preset, which loads (and, where pinned, checks) its weights: the only reliable
+    proof that they are present. Returns its card id and weights."""
+    from duobench.registry import METRICS
+
+    kwargs = {"reference": (None, None)} if role == "fid" else {}
+    built = METRICS.get(preset)(**kwargs)
+    return f"{built.card.id} ({built.card.weights or 'no weights'})"
 
 
 def _method_config(config: RunConfig, concept) -> str:
