@@ -14,8 +14,9 @@ A method is a few functions and a dataclass config, not a class hierarchy:
   it invalidates: a method that leaves the text encoder alone shares Ring-A-Bell's prompts with the base.
 
 Artifacts live under ``$DUOBENCH_HOME/artifacts/<method>/<key>/`` where the key hashes the method, its
-config, the concept's content (comments and descriptions aside) and the base model's fingerprint: the same
-configuration is never trained twice.
+config, the concept's content that training can read (`duobench.concepts.training_identity`: no comments,
+descriptions, evaluation prompt sets, judges, metrics or attack options) and the base model's fingerprint:
+the same configuration is never trained twice.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from dataclasses import asdict, dataclass, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
-from duobench.concepts import Concept, concept_identity
+from duobench.concepts import Concept, training_identity
 from duobench.errors import DuobenchError
 from duobench.paths import duobench_home
 from duobench.registry import METHODS
@@ -105,7 +106,7 @@ def config_key(
         "method": method,
         "numerics": numerics or {},
         "config": asdict(config) if is_dataclass(config) else config,
-        "concept": concept_identity(concept),
+        "concept": training_identity(concept),
         "base": base_fingerprint,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -292,12 +292,17 @@ def test_concepts_recipes_and_configs():
         DuoConfig(beta=0)
 
 
-def test_artifact_key_follows_concept_content_not_its_comments(tmp_path):
+def test_artifact_key_follows_what_training_reads_not_comments_or_evaluation_settings(tmp_path):
+    import yaml
+
     source = load_concept("nudity").path
     text = open(source).read()
+    with_attack_option = yaml.safe_load(text)
+    with_attack_option.setdefault("attack_options", {})["new-attack"] = {"steps": 3}
     variants = {
         "same": text,
         "commented": "# a new comment\n" + text.replace("description: >-", "description: >-\n  Reworded.", 1),
+        "attack option": yaml.safe_dump(with_attack_option),
         "edited": text.replace("erase_prompt: nudity", "erase_prompt: nude body", 1),
     }
     assert variants["edited"] != text
@@ -306,7 +311,7 @@ def test_artifact_key_follows_concept_content_not_its_comments(tmp_path):
         path = tmp_path / f"{name}.yaml"
         path.write_text(content)
         keys[name] = config_key("duo", make_config(SPEC), load_concept(str(path)), "base")
-    assert keys["same"] == keys["commented"] != keys["edited"]
+    assert keys["same"] == keys["commented"] == keys["attack option"] != keys["edited"]
 
 
 def test_cpu_thread_count_is_part_of_a_cpu_trained_artifacts_key(pipe):

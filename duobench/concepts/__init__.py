@@ -116,13 +116,33 @@ def load_concept(name_or_path: str) -> Concept:
         raise DuobenchError(f"Concept file {path} is malformed: {error}") from error
 
 
-def concept_identity(concept: Concept) -> Any:
+TRAINING_BLIND_FIELDS = (
+    "judge",
+    "metrics",
+    "prompt_sets",
+    "benign_prompts",
+    "ring_a_bell_pairs",
+    "attack_options",
+    "method_options",
+)
+"""Concept fields no method trains on: how the model is evaluated and attacked, and ``method_options``, whose
+entry for the method is resolved into the method's config (which its key hashes anyway)."""
+
+
+def concept_identity(concept: Concept, without: tuple[str, ...] = ()) -> Any:
     """What a concept file says, minus what only documents it: the parsed YAML without comments, layout or
-    ``description`` texts. Artifact keys hash this, so rewording a comment does not retrain every method,
-    while any change to prompts, pairs or options does."""
+    ``description`` texts, and without the top-level fields in ``without``. Keys hash this, so rewording a
+    comment recomputes nothing, while any change to prompts, pairs or options does."""
     if not concept.path:
         return concept.name
-    return _without_descriptions(yaml.safe_load(Path(concept.path).read_text()))
+    parsed = _without_descriptions(yaml.safe_load(Path(concept.path).read_text()))
+    return {key: value for key, value in parsed.items() if key not in without}
+
+
+def training_identity(concept: Concept) -> Any:
+    """The part of a concept that a method's artifact depends on: a new attack option or evaluation prompt
+    set does not retrain every method."""
+    return concept_identity(concept, TRAINING_BLIND_FIELDS)
 
 
 def _without_descriptions(value: Any) -> Any:
