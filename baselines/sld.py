@@ -56,8 +56,6 @@ Deliberate differences from the reference code:
 - The safety embedding is encoded once per text-encoder device and dtype and reused (the reference encodes
   it on every call): encoded on first use, i.e. after every weight edit of the chain has been applied.
 - The safety term is computed in the UNet's output dtype, as the reference does; nothing is upcast.
-- The generator hands a guidance hook the predictions of all extra rows without saying whose they are, so
-  SLD refuses to run beside another edit that adds UNet rows (none does today) rather than guess.
 
 Artifact: ``card.json`` only (SLD trains nothing), holding the resolved hyper-parameters and safety text.
 """
@@ -213,16 +211,11 @@ class SafeLatentDiffusion(SamplingHook):
     def guide(self, step: GuidanceStep) -> torch.Tensor:
         if not self.active:
             return classifier_free_guidance(step)
-        if len(step.extra) != 1:
-            raise DuobenchError(
-                f"SLD expects its safety row to be the only extra UNet row, got {len(step.extra)}; it cannot be "
-                "combined with another edit that adds UNet rows."
-            )
         momentum = step.state.get("sld_momentum")
         if momentum is None:
             momentum = torch.zeros_like(step.text)
         gamma, step.state["sld_momentum"] = safety_guidance(
-            step.uncond, step.text, step.extra[0], momentum, self.parameters
+            step.uncond, step.text, step.extra, momentum, self.parameters
         )
         guidance = step.text - step.uncond
         if step.index >= self.parameters.warmup_steps:

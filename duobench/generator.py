@@ -8,10 +8,10 @@ inference-time edit can act:
    plus the negative-prompt embeddings. Hooks then see and may change all of it (`SamplingHook.condition`),
    whatever form the prompt came in: a defense that edits the conditioning cannot be bypassed by replaying
    an embedding;
-2. **denoising** (`Generator.denoise`): the sampler loop. Extra UNet rows per item (`SamplingHook.extra_rows`,
-   e.g. SLD's safety concept) ride along in the same UNet call, and one hook may replace the classifier-free
-   guidance step (`SamplingHook.guide`). `SamplingHook.unet_call` wraps each UNet call, for hooks that need
-   to know which conditioning each UNet row carries (SPM's facilitated transport);
+2. **denoising** (`Generator.denoise`): the sampler loop. One hook may replace the classifier-free guidance
+   step (`SamplingHook.guide`), and that hook may add extra UNet rows per item (`SamplingHook.extra_rows`,
+   e.g. SLD's safety concept) that ride along in the same UNet call. `SamplingHook.unet_call` wraps the UNet
+   calls, for hooks that need to know which conditioning each UNet row carries (SPM's facilitated transport);
 3. **decoding**: VAE decode and diffusers' post-processing.
 
 With no hooks the loop is step for step the one in diffusers' ``StableDiffusionPipeline.__call__`` (same
@@ -112,8 +112,8 @@ class Conditioning:
 class GuidanceStep:
     """One denoising step's UNet predictions, handed to a hook that replaces the guidance formula.
 
-    ``extra`` are the predictions for the extra rows the hooks asked for, in hook order. ``state`` persists
-    across the steps of one batch (SLD's momentum).
+    ``extra`` is the prediction for the guiding hook's own extra rows (None if it asked for none). ``state``
+    persists across the steps of one batch (SLD's momentum).
     """
 
     index: int
@@ -121,7 +121,7 @@ class GuidanceStep:
     guidance: float
     uncond: torch.Tensor
     text: torch.Tensor
-    extra: list[torch.Tensor]
+    extra: torch.Tensor | None
     state: dict[str, Any] = field(default_factory=dict)
 
 
@@ -141,7 +141,8 @@ class SamplingHook:
         return conditioning
 
     def extra_rows(self, generator: Generator, conditioning: Conditioning) -> torch.Tensor | None:
-        """Extra (N, 77, D) conditioning rows for the UNet, e.g. a safety concept; None for none."""
+        """Extra (N, 77, D) conditioning rows for the UNet, e.g. a safety concept; None for none. Asked only of
+        the hook that replaces the guidance step, the one hook that can use their predictions."""
         return None
 
     def guide(self, step: GuidanceStep) -> torch.Tensor:
@@ -266,11 +267,15 @@ class Generator:
         dtype = pipe.text_encoder.dtype
         cfg = guidance > 1 and pipe.unet.config.time_cond_proj_dim is None
         rows = conditioning.prompt_embeds.to(device=self.device, dtype=dtype)
-        extra = [e for e in (h.extra_rows(self, conditioning) for h in self.hooks) if e is not None] if cfg else []
+        guider = next((h for h in self.hooks if h.replaces_guidance), None)
+        extra = guider.extra_rows(self, conditioning) if cfg and guider is not None else None
         if cfg:
-            rows = torch.cat([conditioning.negative_embeds.to(device=self.device, dtype=dtype), rows, *extra])
+            negatives = conditioning.negative_embeds.to(device=self.device, dtype=dtype)
+            rows = torch.cat(
+                [negatives, rows] + ([extra.to(device=self.device, dtype=dtype)] if extra is not None else [])
+            )
         copies = rows.shape[0] // latents.shape[0]
-        guide = next((h.guide for h in self.hooks if h.replaces_guidance), classifier_free_guidance)
+        guide = guider.guide if guider is not None else classifier_free_guidance
         scheduler.set_timesteps(steps, device=self.device)
         latents = latents * scheduler.init_noise_sigma
         step_kwargs = _step_kwargs(scheduler)
@@ -293,7 +298,8 @@ class Generator:
                 )[0]
                 if cfg:
                     chunks = noise.chunk(copies)
-                    noise = guide(GuidanceStep(index, t, guidance, chunks[0], chunks[1], list(chunks[2:]), state))
+                    extra_noise = chunks[2] if copies > 2 else None
+                    noise = guide(GuidanceStep(index, t, guidance, chunks[0], chunks[1], extra_noise, state))
                 latents = scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
         return latents
 

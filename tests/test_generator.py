@@ -109,8 +109,8 @@ class ExtraRowGuide(SamplingHook):
     def guide(self, step: GuidanceStep) -> torch.Tensor:
         self.steps.append(step.index)
         step.state["calls"] = step.state.get("calls", 0) + 1
-        assert len(step.extra) == 1 and step.extra[0].shape == step.text.shape
-        return step.extra[0]
+        assert step.extra.shape == step.text.shape
+        return step.extra
 
 
 def test_a_guidance_hook_gets_its_extra_rows_and_replaces_the_guidance_step(tiny_pipe):

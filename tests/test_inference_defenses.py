@@ -57,7 +57,7 @@ def test_sld_guidance_step_equals_equations_3_to_8_by_hand():
 
     def run(strength):
         hook, state = SafeLatentDiffusion(parameters, "unused", strength), {}
-        steps = [GuidanceStep(i, torch.tensor(999 - i), 2.0, uncond, text, [safety], state) for i in range(2)]
+        steps = [GuidanceStep(i, torch.tensor(999 - i), 2.0, uncond, text, safety, state) for i in range(2)]
         return [hook.guide(step) for step in steps], state
 
     (first, second), state = run(1.0)
