@@ -26,12 +26,12 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, fields, is_dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
-from duobench.attacks.base import Attack, AttackLog, AttackResult, Budget, grant_access
+from duobench.attacks.base import Attack, AttackLog, AttackModels, AttackResult, Budget, grant_access
 from duobench.cache import atomic_write_bytes
 from duobench.concepts import Concept, PromptSetSpec, concept_identity
 from duobench.edits import Edit, System, as_system
@@ -205,10 +205,45 @@ def scorer_identity(clip_scorer) -> dict[str, Any] | str | None:
     return f"{getattr(clip_scorer, '__module__', '')}.{name}"
 
 
-def _attack_setup(
+@dataclass
+class AttackRun:
+    """One attack over one prompt set against one system, resolved and keyed (`plan_attack`)."""
+
+    name: str
+    attack: Attack
+    concept: Concept
+    budget: Budget
+    rows: list[PromptRow]
+    target: System
+    base: System | None
+    settings: SamplerSettings
+    judge: Judge | None
+    clip_scorer: Any
+    identity: dict[str, Any]
+    run_dir: Path
+
+    @contextlib.contextmanager
+    def granted(self) -> Iterator[AttackModels]:
+        """The models the attack's access level grants, checked unchanged when it is done (`read_only`)."""
+        _write_card(self.run_dir, self.name, self.attack, self.budget, self.concept, self.identity)
+        models = grant_access(
+            self.attack.access,
+            self.run_dir / "prepare",
+            self.settings,
+            self.target,
+            self.base,
+            self.judge,
+            self.clip_scorer,
+        )
+        models.workdir.mkdir(parents=True, exist_ok=True)
+        with read_only(self.name, self.attack.access, self.target, self.base, self.run_dir):
+            yield models
+
+
+def plan_attack(
     attack_name, concept, target, base, prompt_set, budget, cache_dir, judge, options, settings, clip_scorer, limit
-):
-    """The shared prologue: build the attack, resolve rows and settings, check what it needs, key its run."""
+) -> AttackRun:
+    """Build the attack, resolve rows and settings, check what it needs, and key its run."""
     from duobench.models import default_sampler_settings
 
     attack = make_attack(attack_name, options)
@@ -227,9 +262,14 @@ def _attack_setup(
             "(its target images come from the base model). Load the base model and pass it too."
         )
     identity = access_identity(attack, target, base, settings, judge, clip_scorer)
-    key = run_key(attack_name, attack, budget, concept, identity)
-    run_dir = Path(cache_dir or duobench_home() / "attacks") / attack_name / key
-    return attack, budget, rows, target, base, settings, identity, run_dir
+    run_dir = (
+        Path(cache_dir or duobench_home() / "attacks")
+        / attack_name
+        / run_key(attack_name, attack, budget, concept, identity)
+    )
+    return AttackRun(
+        attack_name, attack, concept, budget, rows, target, base, settings, judge, clip_scorer, identity, run_dir
+    )
 
 
 @contextlib.contextmanager
@@ -285,25 +325,23 @@ def run_attack(
     to the target's own sampler defaults. Finished rows come from the cache; the attack's ``prepare`` runs
     only if some row is missing. Returns one result per row, in order (equal rows share one result).
     """
-    attack, budget, rows, target, base, settings, identity, run_dir = _attack_setup(
+    run = plan_attack(
         attack_name, concept, target, base, prompt_set, budget, cache_dir, judge, options, settings, clip_scorer, limit
     )
-    if produces(attack) != "prompts":
+    if produces(run.attack) != "prompts":
         raise DuobenchError(f"The {attack_name} attack returns a model edit, not prompts; use run_edit_attack.")
-    store = ResultStore(run_dir / "items")
-    keys = [item_key(row) for row in rows]
+    store = ResultStore(run.run_dir / "items")
+    keys = [item_key(row) for row in run.rows]
     todo: dict[str, PromptRow] = {}
-    for key, row in zip(keys, rows, strict=True):
+    for key, row in zip(keys, run.rows, strict=True):
         if not store.has(key):
             todo.setdefault(key, row)
     if todo:
-        _write_card(run_dir, attack_name, attack, budget, concept, identity)
-        models = grant_access(attack.access, run_dir / "prepare", settings, target, base, judge, clip_scorer)
-        models.workdir.mkdir(parents=True, exist_ok=True)
-        with read_only(attack_name, attack.access, target, base, run_dir):
-            attack.prepare(concept, models, rows)
+        with run.granted() as models:
+            run.attack.prepare(concept, models, run.rows)
             pending = list(todo.items())
-            for (key, row), result in zip(pending, attack.attack([row for _, row in pending], budget), strict=False):
+            results = run.attack.attack([row for _, row in pending], run.budget)
+            for (key, row), result in zip(pending, results, strict=False):
                 if (result.source_prompt, result.seed) != (row.prompt, row.seed):
                     raise RuntimeError(f"attack {attack_name!r} yielded results out of order")
                 store.put(key, result)
@@ -335,29 +373,26 @@ def run_edit_attack(
     interrupted attack leaves nothing a later run would trust, and two processes never share a half-written
     folder. The models handed to the attack are checked unchanged afterwards (`read_only`).
     """
-    attack, budget, rows, target, base, settings, identity, run_dir = _attack_setup(
+    run = plan_attack(
         attack_name, concept, target, base, prompt_set, budget, cache_dir, judge, options, settings, None, limit
     )
-    if produces(attack) != "edit":
+    if produces(run.attack) != "edit":
         raise DuobenchError(f"The {attack_name} attack returns prompts, not a model edit; use run_attack.")
-    final = run_dir / "edit" / run_dir.name
+    final = run.run_dir / "edit" / run.run_dir.name
     if not (final / "card.json").exists():
-        _write_card(run_dir, attack_name, attack, budget, concept, identity)
-        models = grant_access(attack.access, run_dir / "prepare", settings, target, base, judge, None)
-        models.workdir.mkdir(parents=True, exist_ok=True)
         staging = final.with_name(f"{final.name}.partial-{os.getpid()}")
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
-        with read_only(attack_name, attack.access, target, base, run_dir):
-            attack.prepare(concept, models, rows)
-            attack.make_edit(staging, budget)
+        with run.granted() as models:
+            run.attack.prepare(concept, models, run.rows)
+            run.attack.make_edit(staging, run.budget)
         if not (staging / "card.json").exists():
             raise RuntimeError(f"attack {attack_name!r} wrote no card.json into its edit folder")
         if (final / "card.json").exists():  # another process finished first: keep its artifact
             shutil.rmtree(staging)
         else:
             staging.rename(final)
-    return Edit("attack", attack_name, final, 1.0, tuple(type(attack).touches))
+    return Edit("attack", attack_name, final, 1.0, tuple(type(run.attack).touches))
 
 
 def produces(attack: Attack) -> str:
