@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import subprocess
 from pathlib import Path
 
@@ -29,9 +30,21 @@ def git_commit() -> str:
 
 
 def artifact_sha256(artifact: Path) -> str:
-    """One sha256 over every weights file of an artifact folder (names and bytes, sorted by name)."""
+    """One sha256 over the content of every weights file of an artifact folder, sorted by name.
+
+    A file's content is its safetensors header read as JSON and written with sorted keys, then its tensor
+    bytes: safetensors writes the header's metadata in a random order, so two bit-identical trainings
+    (DUO's LoRA, with two metadata entries) gave different file bytes half of the time.
+    """
     digest = hashlib.sha256()
     for path in sorted(Path(artifact).rglob("*.safetensors")):
         digest.update(path.relative_to(artifact).as_posix().encode())
-        digest.update(path.read_bytes())
+        digest.update(canonical_safetensors(path.read_bytes()))
     return digest.hexdigest()
+
+
+def canonical_safetensors(data: bytes) -> bytes:
+    """The header (sorted keys) followed by the tensor bytes: equal for equal tensors and metadata."""
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + length])
+    return json.dumps(header, sort_keys=True).encode() + data[8 + length :]

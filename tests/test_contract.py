@@ -202,3 +202,29 @@ def test_a_missing_prompt_set_fails_before_any_model_work(tmp_path, monkeypatch)
         run(replace(toy_config(tmp_path, method="esd-x"), strength=1.5))
     with pytest.raises(DuobenchError, match="batch-size"):
         run(replace(toy_config(tmp_path), batch_size="big"))
+
+
+def test_checkpoint_sha256_ignores_the_order_safetensors_writes_metadata_in(tmp_path):
+    import json
+
+    import torch
+    from safetensors.torch import save
+
+    from duobench.provenance import artifact_sha256
+
+    data = save({"w": torch.arange(6.0)}, metadata={"format": "pt", "lora_adapter_metadata": "{}"})
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + length])
+    reordered = json.dumps(dict(reversed(list(header.items()))), separators=(",", ":")).encode()
+    reordered += b" " * (length - len(reordered))  # same length, so the data offsets stay valid
+    folders = {}
+    for name, payload in {"a": data, "b": data[:8] + reordered + data[8 + length :]}.items():
+        folders[name] = tmp_path / name
+        folders[name].mkdir()
+        (folders[name] / "weights.safetensors").write_bytes(payload)
+    assert (folders["a"] / "weights.safetensors").read_bytes() != (folders["b"] / "weights.safetensors").read_bytes()
+    assert artifact_sha256(folders["a"]) == artifact_sha256(folders["b"])
+    (folders["b"] / "weights.safetensors").write_bytes(
+        save({"w": torch.arange(6.0) + 1}, metadata=header["__metadata__"])
+    )
+    assert artifact_sha256(folders["a"]) != artifact_sha256(folders["b"])
