@@ -167,6 +167,7 @@ def test_a_card_version_bump_recomputes_exactly_that_stage(tmp_path, monkeypatch
 
     stages = StageCache(tmp_path / "stages")
     first = run(toy_config(tmp_path), stages)
+    assert first["kid"] is None  # no KID between paired samples (base and target images of the same items)
     stages.hits.clear(), stages.misses.clear()
     preset = METRICS.get("fid-toy")
     bumped = replace(preset, card=replace(preset.card, version=preset.card.version + 1))

@@ -65,19 +65,26 @@ def benign_metrics(
     def frechet() -> dict[str, Any]:
         return _fid(presets["fid"], fid_reference, base_paths, target_paths)
 
-    reference_payload = fid_reference or base_keys
-    results["fid"] = stages.run(
-        "fid", {"card": preset_identity(presets["fid"]), "images": keys, "reference": reference_payload}, frechet
-    )
+    payload = {
+        "card": preset_identity(presets["fid"]),
+        "images": keys,
+        "reference": fid_reference or base_keys,
+        "kid": "independent reference only",
+    }
+    results["fid"] = stages.run("fid", payload, frechet)
     return results
 
 
 def _fid(preset: str, reference: str, base_paths: list[Path], target_paths: list[Path]) -> dict[str, Any]:
-    """FID (+ KID) of the unlearned model's benign images against ``reference`` or, without one, against
-    the base model's images for the same prompts and seeds (drift from the original model)."""
+    """FID of the unlearned model's benign images against ``reference`` or, without one, against the base
+    model's images for the same prompts and seeds (drift from the original model).
+
+    KID comes only with an independent reference that keeps its features (a folder): its unbiased estimator
+    assumes two independent samples, and the base model's images of the same prompts and seeds are paired
+    with the unlearned model's, which drove it to values like -621,161 for identical models.
+    """
     import numpy as np
 
-    from duobench.metrics.fid import canonical_order, kernel_distance
     from duobench.registry import METRICS
 
     if reference:
@@ -90,11 +97,6 @@ def _fid(preset: str, reference: str, base_paths: list[Path], target_paths: list
     for start in range(0, len(target_paths), 64):
         metric.update(load_images(target_paths[start : start + 64]))
     result = metric.compute()
-    if not reference and base_metric.state()["features"] and metric.state()["features"]:
-        result["kid"] = kernel_distance(
-            canonical_order(np.concatenate(base_metric.state()["features"])),
-            canonical_order(np.concatenate(metric.state()["features"])),
-        )
     result["reference"] = reference or "base model, same benign prompts and seeds"
     return result
 
