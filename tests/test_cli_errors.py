@@ -63,3 +63,21 @@ def test_help_and_ls_work():
     assert run_cli("--help").returncode == 0
     listing = run_cli("ls", "models")
     assert listing.returncode == 0 and "tiny-random" in listing.stdout
+
+
+def test_a_leaderboard_check_that_recomputes_nothing_fails(tmp_path):
+    """Provenance alone proves nothing: with no method artifact here, --check exits non-zero and says so."""
+    import pandas as pd
+
+    from duobench.paths import duobench_home
+
+    published = pd.read_csv("leaderboards/toy-star.csv")
+    duo_rows = tmp_path / "duo-only.csv"
+    published[published.method == "duo"].head(1).to_csv(duo_rows, index=False)
+    result = run_cli("leaderboard", "--check", str(duo_rows))
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "0 of 1 rows recomputed" in result.stdout
+    assert "nothing was checked" in result.stderr
+    assert not (duobench_home() / "artifacts" / "duo").exists() or not any(
+        (duobench_home() / "artifacts" / "duo").iterdir()
+    )
