@@ -69,6 +69,7 @@ def plan_run(config: RunConfig) -> RunPlan:
 
     check_run_config(config)
     concept = load_concept(config.concept)
+    # Each of these is built only to fail now on a bad option, a bad budget or missing weights.
     if config.method != "none":
         make_config(METHODS.get(config.method), method_options(concept, config.method, config.method_options))
     attack = None
