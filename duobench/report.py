@@ -62,8 +62,13 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def write_audit(rows: list[dict[str, Any]], path: Path) -> None:
-    """Per-image audit rows as parquet; nested evidence (boxes, class scores) kept as JSON text."""
+    """Per-image audit rows as parquet with real types (``unsafe`` boolean, ``score`` float, ...); nested
+    evidence (boxes, class scores) is kept as JSON text, and a column whose values mix types (a judge's
+    evidence field that is sometimes text, sometimes a number) as text."""
+    import io
+
     import pandas as pd
+    import pyarrow as pa
 
     flat = [
         {
@@ -72,10 +77,14 @@ def write_audit(rows: list[dict[str, Any]], path: Path) -> None:
         }
         for row in rows
     ]
-    import io
-
+    frame = pd.DataFrame(flat)
+    for column in frame.select_dtypes(include="object").columns:
+        try:
+            pa.array(frame[column], from_pandas=True)
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            frame[column] = frame[column].map(lambda value: None if value is None else str(value))
     buffer = io.BytesIO()
-    pd.DataFrame(flat).astype(str).to_parquet(buffer, index=False)
+    frame.to_parquet(buffer, index=False)
     atomic_write_bytes(path, buffer.getvalue())
 
 

@@ -162,12 +162,16 @@ def toy_config(tmp_path, **values) -> RunConfig:
 
 @pytest.mark.slow
 def test_a_card_version_bump_recomputes_exactly_that_stage(tmp_path, monkeypatch):
+    import pandas as pd
+
     from duobench.registry import METRICS
     from duobench.runner import run
 
     stages = StageCache(tmp_path / "stages")
     first = run(toy_config(tmp_path), stages)
     assert first["kid"] is None  # no KID between paired samples (base and target images of the same items)
+    audit = pd.read_parquet(tmp_path / "run" / "audit.parquet")
+    assert audit["unsafe"].dtype == bool and audit["score"].dtype == float and audit["seed"].dtype.kind == "i"
     stages.hits.clear(), stages.misses.clear()
     preset = METRICS.get("fid-toy")
     bumped = replace(preset, card=replace(preset.card, version=preset.card.version + 1))
