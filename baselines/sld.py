@@ -64,7 +64,6 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -117,12 +116,6 @@ class SLDConfig:
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
             raise ValueError(f"preset must be one of {', '.join(PRESETS)}, got {self.preset!r}")
-        # The overrides default to None, so `make_config` cannot coerce them from their default's type:
-        # "1e-2" (a YAML 1.1 string) and 0.01 must give the same value and the same artifact key.
-        for name, kind in (("warmup_steps", int), *((n, float) for n in _FLOAT_FIELDS)):
-            value = getattr(self, name)
-            if value is not None:
-                object.__setattr__(self, name, _as_number(name, value, kind))
         if self.warmup_steps is not None and self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.mom_beta is not None and not 0.0 <= self.mom_beta <= 1.0:
@@ -142,21 +135,6 @@ class SLDConfig:
                 f"Concept {concept.name!r} has an empty erase_prompt; give SLD a safety_concept (or 'i2p')."
             )
         return text
-
-
-_FLOAT_FIELDS = ("guidance_scale", "threshold", "momentum_scale", "mom_beta")
-
-
-def _as_number(name: str, value: Any, kind: type) -> int | float:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number, got {value!r}") from None
-    if kind is int:
-        if not number.is_integer():
-            raise ValueError(f"{name} must be a whole number, got {value!r}")
-        return int(number)
-    return number
 
 
 def safety_guidance(

@@ -25,7 +25,7 @@ import hashlib
 import json
 import shutil
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields, is_dataclass
+from dataclasses import Field, asdict, dataclass, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -56,8 +56,9 @@ def make_config(spec: MethodSpec, overrides: dict[str, Any] | None = None):
     """Build ``spec.config_cls`` from defaults plus ``overrides``, rejecting unknown keys by name.
 
     Options arrive as YAML/CLI text ("3e-4" is a string to YAML 1.1, 500 an int), so a numeric option is
-    coerced to its default's type; that also gives beta=500 and beta=500.0 the same artifact key. A value
-    the config itself rejects becomes a `DuobenchError` naming the method.
+    coerced to its field's type (`numeric_kind`: the default's, or the declared one of an optional field);
+    that also gives beta=500 and beta=500.0 the same artifact key. A value the config itself rejects becomes
+    a `DuobenchError` naming the method.
     """
     overrides = dict(overrides or {})
     known = {f.name: f for f in fields(spec.config_cls)}
@@ -67,13 +68,27 @@ def make_config(spec: MethodSpec, overrides: dict[str, Any] | None = None):
             f"Method {spec.name!r} has no option(s) {', '.join(unknown)}. Its options: {', '.join(sorted(known))}."
         )
     for name, value in overrides.items():
-        default = known[name].default
-        if isinstance(default, int | float) and not isinstance(default, bool):
-            overrides[name] = _number(spec.name, name, value, type(default))
+        kind = numeric_kind(known[name])
+        if kind is not None and value is not None:
+            overrides[name] = _number(spec.name, name, value, kind)
     try:
         return spec.config_cls(**overrides)
     except (TypeError, ValueError) as error:
         raise DuobenchError(f"Bad options for method {spec.name!r}: {error}") from error
+
+
+def numeric_kind(field: Field) -> type | None:
+    """``int`` or ``float`` for a numeric config field, judged by its default or, for an optional field whose
+    default is None (``float | None``), by its declared type; None for any other field."""
+    default = field.default
+    if isinstance(default, bool):
+        return None
+    if isinstance(default, int | float):
+        return type(default)
+    declared = {part.strip() for part in str(field.type).split("|")}
+    if declared & {"bool", "str"}:
+        return None
+    return float if "float" in declared else int if "int" in declared else None
 
 
 def _number(method: str, name: str, value: Any, kind: type) -> int | float:
