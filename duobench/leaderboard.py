@@ -89,7 +89,7 @@ def run_grid(
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Every (method, training seed, attack) run, reusing every cached stage; returns (leaderboard rows,
     summaries). With ``training_seeds`` each stochastic method is trained once per seed, so the spread of
-    its numbers across trainings can be reported beside the within-run bootstrap CI."""
+    its numbers across trainings can be reported beside the within-run interval over prompts."""
     stages = stages or StageCache()
     rows, summaries = [], []
     for method in methods:
@@ -144,7 +144,7 @@ def across_training_seeds(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per (method, attack): mean, sample standard deviation and a 95% Student-t interval of the
     mean of each headline number over the training seeds (spread and interval empty with one training).
 
-    The interval treats trainings as the random unit, the way the DSR's bootstrap treats prompts: two
+    The interval treats trainings as the random unit, the way the DSR's interval treats prompts: two
     methods whose intervals overlap widely are not told apart by this many trainings.
     """
     import numpy as np

@@ -204,7 +204,7 @@ BUILTIN_PLUGINS: dict[str, dict[str, tuple[str, str]]] = {
         "q16": ("duobench.metrics.q16:Q16", "Q16 inappropriate-content judge (CLIP ViT-L/14 + prompts.p)"),
         "dsr": (
             "duobench.metrics.dsr:DSR",
-            "defense success rate, prompt-bootstrap CI, pre/post-attack split",
+            "defense success rate, prompt-clustered 95% CI, pre/post-attack split",
         ),
         "lpips-alex-64": (
             "duobench.metrics.prior_preservation:LPIPS_ALEX_64",

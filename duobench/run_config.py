@@ -46,7 +46,6 @@ class RunConfig:
     benign images are the reference, which measures drift from the original model."""
     metrics: dict[str, str] = field(default_factory=dict)
     """Overrides of the concept's metric presets (prior_preservation, clip_score, fid)."""
-    bootstrap_seed: int = 0
     threads: int | None = None
     """torch CPU threads. A CPU-trained artifact depends on them (see `duobench.methods.training_numerics`),
     so a run on a CPU records the count it used here, and a re-run of its config uses it again."""
@@ -79,7 +78,6 @@ INTEGER_FIELDS = {
     "attack_steps": 1,
     "attack_queries": 1,
     "threads": 1,
-    "bootstrap_seed": 0,
 }
 """Optional whole-number fields and their smallest allowed value."""
 

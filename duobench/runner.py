@@ -12,7 +12,7 @@ nothing it finished:
    cached per item), or a model-changing attack's edit (`run_edit_attack`), which makes a third system,
    target + attack edit, for the attack-phase images only;
 3. **generation and judging**: the attack-phase and pre-attack images, judged while they generate (DSR with a
-   prompt-bootstrap CI and the pre/post-attack split); then the benign prompts with the base and the
+   clustered 95% interval and the pre/post-attack split); then the benign prompts with the base and the
    target system. Images go through the content-addressed store, keyed by the system's fingerprint;
 4. **metrics** (`duobench.metrics.benign`): prior preservation, CLIP score and FID on the benign images;
    each result, and the judge's, is cached by the image keys and the card's identity;
@@ -244,8 +244,8 @@ def generate_and_judge_stage(
 ) -> tuple[list[Path], dict[str, Any]]:
     """The attack and pre-attack images, generated and judged while they are generated: DSR with CI and the
     pre/post-attack split, plus one audit row per image. Returns the image paths (attack items, then
-    pre-attack items) and the judge result, cached by the image keys, the judge's card and the bootstrap
-    seed."""
+    pre-attack items) and the judge result, cached by the image keys, the judge's card and the DSR card
+    (its interval)."""
     from duobench.judged_generation import generate_and_judge
     from duobench.metrics.dsr import DSR, build_judge
 
@@ -253,7 +253,7 @@ def generate_and_judge_stage(
     fresh: dict[str, list[Path]] = {}
 
     def compute() -> dict[str, Any]:
-        metric = DSR(judge=build_judge(context.concept.judge), seed=context.config.bootstrap_seed)
+        metric = DSR(judge=build_judge(context.concept.judge))
         paths, rows = [], []
         for name, system, items in segments:
             report, segment_rows = generate_and_judge(
@@ -277,7 +277,7 @@ def generate_and_judge_stage(
         "phases": [item.meta["phase"] for _, _, items in segments for item in items],
         "prompts": [item.meta["prompt_id"] for _, _, items in segments for item in items],
         "judge": preset_identity(context.concept.judge),
-        "seed": context.config.bootstrap_seed,
+        "dsr": DSR.card.id,
     }
     judged = context.stages.run("judge", payload, compute)
     # A cached verdict still needs its images (contact sheet, audit links): fetch or regenerate them.

@@ -49,7 +49,7 @@ def test_rows_follow_the_items_and_equal_judging_from_disk(tiny_pipe, tmp_path, 
     probe = generate_cached(tiny_pipe, "fp", items[:1], tmp_path / "probe", store_root=store)
     threshold = float(np.asarray(Image.open(probe.paths[0])).mean())
     judge = MeanPixelJudge(threshold - 1e-9)
-    metric = DSR(judge=judge, n_bootstrap=50)
+    metric = DSR(judge=judge)
     report, rows = generate_and_judge(
         tiny_pipe, "fp", items, tmp_path / "run", metric, batch_size=2, store_root=store, in_background=in_background
     )
@@ -60,7 +60,7 @@ def test_rows_follow_the_items_and_equal_judging_from_disk(tiny_pipe, tmp_path, 
     assert [row["phase"] for row in rows] == ["attack"] * 6 + ["pre-attack"]
     assert rows[0]["unsafe"] and rows[-1]["unsafe"]
 
-    direct = DSR(judge=MeanPixelJudge(threshold - 1e-9), n_bootstrap=50)
+    direct = DSR(judge=MeanPixelJudge(threshold - 1e-9))
     direct.update_from_paths(report.paths, items)
     assert [row["unsafe"] for row in rows] == [row["unsafe"] for row in direct.audit_rows()]
     assert [row["score"] for row in rows] == [row["score"] for row in direct.audit_rows()]

@@ -43,7 +43,7 @@ def workload():
 
 def build_metrics(reference):
     fid = FID_CLEAN(reference=reference, feature_extractor=MeanColourFeatures(), feature_dim=FEATURE_DIM, device="cpu")
-    return fid, DSR(judge=RedJudge(), n_bootstrap=300)
+    return fid, DSR(judge=RedJudge())
 
 
 def results(fid, dsr) -> dict:

@@ -1,4 +1,4 @@
-"""DSR: hand-computed rates and bootstrap intervals, both conventions, streaming state and the worker."""
+"""DSR: hand-computed rates and clustered intervals, both conventions, streaming state and the worker."""
 
 import threading
 
@@ -8,7 +8,7 @@ from PIL import Image
 
 from duobench.errors import DuobenchError
 from duobench.metrics.base import MetricCard, Verdict
-from duobench.metrics.dsr import DSR, bootstrap_rate, defense_report
+from duobench.metrics.dsr import DSR, clustered_rate, defense_report
 from duobench.metrics.worker import JudgingWorker
 
 
@@ -25,42 +25,68 @@ def grey(value: int) -> Image.Image:
     return Image.new("RGB", (8, 8), (value, value, value))
 
 
-def test_bootstrap_matches_hand_computed_binomial_quantiles():
-    # Four prompts, one image each, three safe. A resample's rate is Binomial(4, 3/4) / 4, whose CDF is
-    # 1/256 at 0, 13/256 = 0.051 at 0.25, 67/256 at 0.5: the 2.5% quantile is 0.25, the 97.5% quantile 1.
-    rate = bootstrap_rate([1, 1, 1, 0], [1, 1, 1, 1], n_bootstrap=4000, seed=0)
-    assert rate.value == 0.75
-    assert (rate.ci_low, rate.ci_high) == (0.25, 1.0)
-    assert (rate.n_prompts, rate.n_images) == (4, 4)
+Z, T4, T9 = 1.959963984540054, 2.7764451051977987, 2.2621571627409915
+"""Normal and Student-t (4 and 9 degrees of freedom) 97.5% quantiles, from tables."""
 
 
-def test_bootstrap_keeps_a_prompts_images_together_as_a_ratio_of_sums():
-    # Prompt A: 1 safe image; prompt B: 3 unsafe images. Point estimate 1/4 (not the mean of per-prompt
-    # rates, 1/2). Resamples: AA -> 1 (p 1/4), AB -> 1/4 (p 1/2), BB -> 0 (p 1/4); bootstrap mean 3/8.
-    successes, totals = np.array([1, 0]), np.array([1, 3])
-    rate = bootstrap_rate(successes, totals, n_bootstrap=1, seed=0)
-    assert rate.value == 0.25
-    rng = np.random.default_rng(7)
-    picks = rng.integers(0, 2, size=(20000, 2))
-    resampled = successes[picks].sum(1) / totals[picks].sum(1)
-    assert set(np.unique(resampled)) == {0.0, 0.25, 1.0}
-    assert resampled.mean() == pytest.approx(3 / 8, abs=0.01)
-    assert bootstrap_rate(successes, totals, n_bootstrap=20000, confidence=0.4, seed=3).ci_low == 0.25
+def test_interval_stays_honest_at_a_rate_of_one():
+    # 5 prompts x 20 images, all safe. The between-prompt variance is 0, so n* = 100 images, shrunk by
+    # (z / t_4)^2; Clopper-Pearson at x = n has the lower bound (alpha / 2) ** (1 / n).
+    rate = clustered_rate([20] * 5, [20] * 5)
+    n_effective = 100 * (Z / T4) ** 2
+    assert rate.value == 1.0 and rate.ci_high == 1.0
+    assert rate.n_effective == pytest.approx(n_effective)
+    assert rate.ci_low == pytest.approx(0.025 ** (1 / n_effective))
+    assert 0.92 < rate.ci_low < 0.93  # the percentile bootstrap gave [1, 1] here
+    zero = clustered_rate([0] * 5, [20] * 5)
+    assert (zero.value, zero.ci_low) == (0.0, 0.0) and zero.ci_high == pytest.approx(1 - rate.ci_low)
 
 
-def test_bootstrap_is_seeded_and_order_free():
+def test_clustered_prompts_are_worth_fewer_images():
+    # 10 prompts x 10 images, DSR 0.5 both times. Spread evenly (5 of 10 safe everywhere) the prompts add no
+    # variance: n* = 100. All-or-nothing prompts (5 all safe, 5 all unsafe): var = 10/9 * (10 * 5^2) / 100^2
+    # = 1/36, so n* = 0.25 * 36 = 9, the number of prompts minus one. Both shrink by (z / t_9)^2.
+    even = clustered_rate([5] * 10, [10] * 10)
+    clustered = clustered_rate([10] * 5 + [0] * 5, [10] * 10)
+    assert even.value == clustered.value == 0.5
+    assert even.n_effective == pytest.approx(100 * (Z / T9) ** 2)
+    assert clustered.n_effective == pytest.approx(9 * (Z / T9) ** 2)
+    assert clustered.ci_high - clustered.ci_low > 2.5 * (even.ci_high - even.ci_low)
+    # A rate is a ratio of sums: prompts with more images weigh more.
+    assert clustered_rate([1, 0], [1, 3]).value == 0.25
+
+
+@pytest.mark.parametrize(("rate", "icc", "prompts", "seeds"), [(0.9, 0.1, 5, 20), (0.5, 0.2, 25, 4)])
+def test_interval_covers_the_true_rate_of_clustered_data(rate, icc, prompts, seeds):
+    # Per-prompt rates drawn from a beta with the given intra-prompt correlation, then binomial images:
+    # the 95% interval must cover the true rate at least about 95% of the time.
+    rng = np.random.default_rng(0)
+    scale = (1 - icc) / icc
+    covered = 0
+    for _ in range(400):
+        safe = rng.binomial(seeds, rng.beta(rate * scale, (1 - rate) * scale, size=prompts))
+        result = clustered_rate(safe, [seeds] * prompts)
+        covered += result.ci_low <= rate <= result.ci_high
+    assert covered / 400 >= 0.93
+
+
+def test_interval_depends_only_on_the_counts():
     attack = {f"p{i}": [i % 3 == 0, i % 5 == 0] for i in range(30)}
     shuffled = dict(reversed(list(attack.items())))
-    first = defense_report(attack, seed=11)
-    assert first == defense_report(shuffled, seed=11)
+    first = defense_report(attack)
+    assert first == defense_report(shuffled)
     assert first["dsr_ci_low"] < first["dsr"] < first["dsr_ci_high"]
+    assert first["interval"]["unit"] == "prompt"
+    single = defense_report({"only prompt": [False, False, True]})
+    assert single["interval"]["unit"] == "image"  # one prompt: conditional on it, images are the unit
+    assert single["dsr_attack_only"]["n_effective"] == 3
 
 
 def test_conventions_split_pre_and_post_attack():
     # p1 broken before the attack, safe after; p2 safe before, broken by the attack; p3 and p4 defended.
     pre = {"p1": [True], "p2": [False], "p3": [False], "p4": [False]}
     attack = {"p1": [False], "p2": [True], "p3": [False], "p4": [False]}
-    report = defense_report(attack, pre, convention="cumulative", n_bootstrap=200)
+    report = defense_report(attack, pre, convention="cumulative")
     assert report["dsr_attack_only"]["value"] == 0.75
     assert report["dsr_cumulative"]["value"] == 0.5  # UnlearnDiffAtk: ASR = (1 pre + 1 new) / 4
     assert report["dsr_pre_attack"]["value"] == 0.75
@@ -73,19 +99,19 @@ def test_conventions_split_pre_and_post_attack():
 def test_streaming_dsr_equals_report_and_merges_across_shards():
     values = [10, 200, 30, 250, 40, 60, 220, 90]
     items = [{"prompt": f"prompt {i // 2}", "seed": i} for i in range(len(values))]
-    whole = DSR(judge=BrightnessJudge(), n_bootstrap=500)
+    whole = DSR(judge=BrightnessJudge())
     whole.update([grey(v) for v in values], items)
     expected = defense_report(
-        {f"prompt {p}": [values[2 * p] > 127, values[2 * p + 1] > 127] for p in range(4)}, n_bootstrap=500
+        {f"prompt {p}": [values[2 * p] > 127, values[2 * p + 1] > 127] for p in range(4)}
     )
     result = whole.compute()
     assert result["dsr"] == pytest.approx(5 / 8)
     assert {k: result[k] for k in expected} == expected
-    assert result["judge"] == "brightness@1" and result["metric"] == "dsr@1"
+    assert result["judge"] == "brightness@1" and result["metric"] == "dsr@2"
 
     first, second = (
-        DSR(judge=BrightnessJudge(), n_bootstrap=500),
-        DSR(judge=BrightnessJudge(), n_bootstrap=500),
+        DSR(judge=BrightnessJudge()),
+        DSR(judge=BrightnessJudge()),
     )
     first.update([grey(v) for v in values[:3]], items[:3])
     second.update([grey(v) for v in values[3:]], items[3:])
@@ -97,7 +123,7 @@ def test_streaming_dsr_equals_report_and_merges_across_shards():
 
 
 def test_phase_comes_from_argument_or_item_meta():
-    metric = DSR(judge=BrightnessJudge(), n_bootstrap=100)
+    metric = DSR(judge=BrightnessJudge())
     metric.update([grey(250)], [{"prompt": "x", "prompt_id": "p"}], phase="pre-attack")
     metric.update([grey(0)], [{"prompt": "x adversarial", "prompt_id": "p", "phase": "attack"}])
     report = metric.compute()
@@ -107,8 +133,8 @@ def test_phase_comes_from_argument_or_item_meta():
 
 @pytest.mark.parametrize("in_background", [True, False])
 def test_worker_streams_batches_and_returns_rows(in_background):
-    direct = DSR(judge=BrightnessJudge(), n_bootstrap=200)
-    background = DSR(judge=BrightnessJudge(), n_bootstrap=200)
+    direct = DSR(judge=BrightnessJudge())
+    background = DSR(judge=BrightnessJudge())
     batches = [
         ([{"prompt": f"p{b}", "seed": s} for s in range(3)], [grey(80 * b + s) for s in range(3)]) for b in range(4)
     ]
@@ -157,7 +183,7 @@ def test_metrics_rerun_on_cached_pngs(tmp_path):
     for index, value in enumerate(values):
         paths.append(tmp_path / f"{index}.png")
         grey(value).save(paths[-1])
-    fresh, cached = DSR(judge=BrightnessJudge(), n_bootstrap=100), DSR(judge=BrightnessJudge(), n_bootstrap=100)
+    fresh, cached = DSR(judge=BrightnessJudge()), DSR(judge=BrightnessJudge())
     fresh.update([grey(v) for v in values], items)
     cached.update_from_paths(paths, items, batch_size=3)
     assert cached.compute() == fresh.compute()

@@ -264,7 +264,7 @@ def item_meta(item: Any) -> Mapping[str, Any]:
 
 
 def prompt_key(item: Any) -> str:
-    """Which prompt an image belongs to, for grouping (DSR bootstrap, pre/post-attack pairing).
+    """Which prompt an image belongs to, for grouping (the DSR interval's clusters, pre/post-attack pairing).
 
     ``meta["prompt_id"]`` wins (an attack's optimised prompt and its source prompt share it); otherwise
     the prompt text, or, for items given as token ids or an embedding with no text, a hash of those.
