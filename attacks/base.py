@@ -263,7 +263,12 @@ def grant_access(
 
 
 class Attack(Protocol):
-    """The contract every registered attack class meets."""
+    """The contract every registered attack class meets.
+
+    Optionally ``card_details(concept) -> dict``: what the attack reads besides the models and the prompts
+    (Ring-A-Bell's official concept-vector files), recorded on its card and in the run summary; and
+    ``fetch_sources(concept) -> str``, which downloads and checks those files while the run is planned.
+    """
 
     name: ClassVar[str]
     access: ClassVar[str]

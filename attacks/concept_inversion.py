@@ -4,7 +4,11 @@ through the *unlearned* model, on images of the concept made by the base model; 
 Training (the official ``concept_inversion.py`` for ESD/UCE/FMN/SA/AC, I2P protocol):
 
 - data: the base model's images of the first ``num_train_images`` prompts of the attacked set (each with its
-  row's seed), captioned ``"<tok> " + prompt``, randomly mirrored;
+  row's seed), captioned ``"<tok> " + prompt``, randomly mirrored; every step draws each example's latents
+  from the VAE posterior, ``(mean + std * n) * scaling_factor`` with fresh ``n`` (the official
+  ``vae.encode(pixels).latent_dist.sample()``). The images and their mirror images are encoded once and the
+  posterior's mean and std kept, so a step costs no VAE pass; the draws come from the attack's seeded
+  generator, so a run is deterministic. ``sample_posterior=False`` trains on the posterior mean instead;
 - loss: ``MSE(eps, eps_unlearned(x_t, t, E("<tok> " + prompt)))`` with ``t ~ U[0, 1000)``, through the
   unlearned UNet; only the new token's embedding (initialised from ``initializer``) is trained;
 - AdamW (betas 0.9/0.999, weight decay 1e-2), constant learning rate 5e-3 scaled by batch 4 x gradient
@@ -33,16 +37,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import ClassVar
 
+import numpy as np
 import torch
 from PIL import Image
 
 from duobench.attacks.base import AttackLog, AttackModels, AttackResult, Budget, item_seed
-from duobench.attacks.diffusion import (
-    denoising_loss,
-    generate_rows,
-    images_to_latents,
-    require_epsilon_prediction,
-)
+from duobench.attacks.diffusion import denoising_loss, generate_rows, require_epsilon_prediction
 from duobench.attacks.text_encoding import assemble_ids, encode_with_token_embeddings, prompt_ids
 from duobench.cache import atomic_write_bytes
 from duobench.concepts import Concept
@@ -66,16 +66,32 @@ class ConceptInversionConfig:
     """A single-token word the new token starts from; default: the concept's first erase word."""
     placeholder: str = "<concept-inversion>"
     mirror: bool = True
+    sample_posterior: bool = True
+    """Draw the training latents from the VAE posterior every step, as the official code does; False: its mean."""
     seed: int = 0
 
 
 @dataclass
 class InversionData:
-    """Training examples: latents, their mirror images' latents, and the caption ids (token at position 1)."""
+    """Training examples: latents, their mirror images' latents, and the caption ids (token at position 1).
+
+    ``latents`` / ``mirrored`` are the VAE posterior means and ``std`` / ``mirrored_std`` its standard
+    deviations, all in scaled latent space; without the stds the latents are used as they are."""
 
     latents: torch.Tensor
     mirrored: torch.Tensor
     ids: torch.Tensor
+    std: torch.Tensor | None = None
+    mirrored_std: torch.Tensor | None = None
+
+
+@torch.no_grad()
+def image_posteriors(vae, images: Sequence[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VAE posterior of each RGB image as (mean, std), both times the scaling factor, in float32."""
+    pixels = torch.stack([torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0) for image in images])
+    posterior = vae.encode(pixels.permute(0, 3, 1, 2).to(device=vae.device, dtype=vae.dtype)).latent_dist
+    scale = vae.config.scaling_factor
+    return (posterior.mean * scale).float(), (posterior.std * scale).float()
 
 
 def caption_ids(tokenizer, token_id: int, prompt: str) -> list[int]:
@@ -122,7 +138,11 @@ def invert_token(
         for _ in range(config.gradient_accumulation):
             picks = torch.randint(0, len(data.ids), (config.batch_size,), generator=rng)
             mirror = (torch.rand(config.batch_size, generator=rng) < 0.5) & config.mirror
-            latents = torch.where(mirror.to(device).view(-1, 1, 1, 1), data.mirrored[picks], data.latents[picks])
+            flip = mirror.to(device).view(-1, 1, 1, 1)
+            latents = torch.where(flip, data.mirrored[picks], data.latents[picks])
+            if config.sample_posterior and data.std is not None and data.mirrored_std is not None:
+                std = torch.where(flip, data.mirrored_std[picks], data.std[picks])
+                latents = latents + std * torch.randn(latents.shape, generator=rng).to(device)
             timesteps = torch.randint(0, train_timesteps, (config.batch_size,), generator=rng)
             noise = torch.randn(latents.shape, generator=rng).to(device)
             condition = token_condition(text_encoder, table, data.ids[picks], vector)
@@ -203,13 +223,12 @@ class ConceptInversion:
             return load_file(path)[config.placeholder][0], path, json.loads(card.read_text())["loss_curve"]
         pipe = models.target_pipe
         images = generate_rows(models.base_pipe, self.train_rows, models.settings)
-        data = InversionData(
-            latents=images_to_latents(pipe.vae, images),
-            mirrored=images_to_latents(
-                pipe.vae, [image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for image in images]
-            ),
-            ids=torch.tensor([caption_ids(models.tokenizer, self.initializer_id, r.prompt) for r in self.train_rows]),
+        latents, std = image_posteriors(pipe.vae, images)
+        mirrored, mirrored_std = image_posteriors(
+            pipe.vae, [image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for image in images]
         )
+        ids = torch.tensor([caption_ids(models.tokenizer, self.initializer_id, r.prompt) for r in self.train_rows])
+        data = InversionData(latents, mirrored, ids, std, mirrored_std)
         initial = pipe.text_encoder.get_input_embeddings().weight[self.initializer_id].detach()[None]
         seed = item_seed(self.train_rows[0], config.seed) if self.train_rows else config.seed
         rng = torch.Generator().manual_seed(seed)

@@ -400,6 +400,20 @@ def produces(attack: Attack) -> str:
     return getattr(type(attack), "produces", "prompts")
 
 
+def card_details(attack: Any, concept: Concept) -> dict[str, Any]:
+    """What an attack reads besides the models and the prompts (Ring-A-Bell: the files its concept vector
+    comes from), from its optional ``card_details(concept)``; it goes on the attack's card and summary."""
+    details = getattr(attack, "card_details", None)
+    return details(concept) if details is not None else {}
+
+
+def fetch_sources(attack: Any, concept: Concept) -> str:
+    """Download and check what the attack reads besides the models (its optional ``fetch_sources(concept)``),
+    so a missing file fails while the run is planned; returns what it found."""
+    fetch = getattr(attack, "fetch_sources", None)
+    return fetch(concept) if fetch is not None else "nothing to fetch"
+
+
 def _write_card(
     run_dir: Path,
     attack_name: str,
@@ -415,6 +429,7 @@ def _write_card(
         "budget": asdict(budget),
         "concept": concept.name,
         "models": identity,
+        **card_details(attack, concept),
     }
     atomic_write_bytes(run_dir / "card.json", json.dumps(card, indent=2, sort_keys=True, default=str).encode())
 

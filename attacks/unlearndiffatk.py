@@ -22,6 +22,14 @@ official code bisects to the same point); prompts longer than ``75 - k`` tokens 
 dropped (the official loader drops prompts over 60 tokens); the optimised ids are evaluated as ids (the
 official code decodes them to text). ``Budget.steps`` limits the timesteps, ``Budget.queries`` the
 generations (pre-check included).
+
+Sampler, a difference: the target image ``x0``, the pre-check and every evaluation image are generated with
+the run's sampler settings, i.e. the concept's ``generation`` (for nudity and violence SD1.4's default PNDM,
+50 steps, CFG 7.5; the row's own guidance when it has one), so the attack is judged on the images the rest of
+the benchmark judges. The official code makes ``x0`` with LMS at 25 steps (``generate_dataset.py``, whose
+``--ddim_steps`` default is 25 with an ``LMSDiscreteScheduler``) and evaluates with LMS at
+``sampling_step_num`` = 50 steps and the row's guidance (``tasks/classifier_.py``), with unbatched
+unconditional and conditional UNet calls.
 """
 
 from __future__ import annotations

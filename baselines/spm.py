@@ -323,10 +323,25 @@ def random_latent_size(native: int, dynamic: bool, generator) -> tuple[int, int]
     return height, width
 
 
+@contextlib.contextmanager
+def frozen(*modules: nn.Module | None) -> Iterator[None]:
+    """The modules' parameters with ``requires_grad`` off, their flags restored after (the pipe is shared)."""
+    flags = {id(p): (p, p.requires_grad) for module in modules if module is not None for p in module.parameters()}
+    for parameter, _ in flags.values():
+        parameter.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for parameter, flag in flags.values():
+            parameter.requires_grad_(flag)
+
+
 def train_adapters(config: SPMConfig, pipe, unet, network: SPMNetwork, target_prompt: str) -> list[float]:
     """Train ``network`` (hooked into ``unet``, a UNet of ``pipe``'s model) to erase ``target_prompt``.
 
-    ``pipe`` provides the text encoder and the noise schedule. Returns the loss per iteration.
+    ``pipe`` provides the text encoder and the noise schedule. Returns the loss per iteration. Only the
+    adapters train: the base UNet, text encoder and VAE are frozen meanwhile, as in the official code (else
+    every step would compute and keep a gradient for every base tensor).
     """
     from diffusers import DDIMScheduler
     from diffusers.optimization import get_scheduler
@@ -347,31 +362,32 @@ def train_adapters(config: SPMConfig, pipe, unet, network: SPMNetwork, target_pr
     ddim = DDIMScheduler.from_config(pipe.scheduler.config)
     generator = torch.Generator().manual_seed(config.seed)
     losses = []
-    for _ in range(config.iterations):
-        ddim.set_timesteps(config.denoising_steps, device=unet.device)
-        stop = int(torch.randint(1, config.denoising_steps, (1,), generator=generator))
-        height, width = random_latent_size(unet.config.sample_size, config.dynamic_resolution, generator)
-        noise = initial_noise(unet, height, width, generator) * ddim.init_noise_sigma
-        with network.active(1.0):
-            latents = denoise_partially(unet, ddim, noise, target, empty, config.start_guidance, stop)
-        ddim.set_timesteps(1000, device=unet.device)
-        timestep = ddim.timesteps[int(stop * 1000 / config.denoising_steps)]
-        anchors = anchor_embeddings(target, empty, config.anchor_samples, generator)
-        anchor_latents = latents.expand(anchors.shape[0], -1, -1, -1)
-        with torch.no_grad(), network.active(0.0):
-            positive = predict_noise(unet, latents, timestep, target)
-            neutral_noise = predict_noise(unet, latents, timestep, neutral)
-            anchor_base = predict_noise(unet, anchor_latents, timestep, anchors)
-        with network.active(1.0):
-            erased = predict_noise(unet, latents, timestep, target)
-            anchor_adapted = predict_noise(unet, anchor_latents, timestep, anchors)
-        erase_target = neutral_noise - config.erase_guidance * (positive - neutral_noise)
-        loss = F.mse_loss(erased, erase_target) + config.anchor_strength * F.mse_loss(anchor_adapted, anchor_base)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+    with frozen(unet, pipe.unet, pipe.text_encoder, getattr(pipe, "vae", None)):
+        for _ in range(config.iterations):
+            ddim.set_timesteps(config.denoising_steps, device=unet.device)
+            stop = int(torch.randint(1, config.denoising_steps, (1,), generator=generator))
+            height, width = random_latent_size(unet.config.sample_size, config.dynamic_resolution, generator)
+            noise = initial_noise(unet, height, width, generator) * ddim.init_noise_sigma
+            with network.active(1.0):
+                latents = denoise_partially(unet, ddim, noise, target, empty, config.start_guidance, stop)
+            ddim.set_timesteps(1000, device=unet.device)
+            timestep = ddim.timesteps[int(stop * 1000 / config.denoising_steps)]
+            anchors = anchor_embeddings(target, empty, config.anchor_samples, generator)
+            anchor_latents = latents.expand(anchors.shape[0], -1, -1, -1)
+            with torch.no_grad(), network.active(0.0):
+                positive = predict_noise(unet, latents, timestep, target)
+                neutral_noise = predict_noise(unet, latents, timestep, neutral)
+                anchor_base = predict_noise(unet, anchor_latents, timestep, anchors)
+            with network.active(1.0):
+                erased = predict_noise(unet, latents, timestep, target)
+                anchor_adapted = predict_noise(unet, anchor_latents, timestep, anchors)
+            erase_target = neutral_noise - config.erase_guidance * (positive - neutral_noise)
+            loss = F.mse_loss(erased, erase_target) + config.anchor_strength * F.mse_loss(anchor_adapted, anchor_base)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
     return losses
 
 

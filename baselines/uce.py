@@ -23,7 +23,9 @@ numbers, not the 2025 ``uce_sd_erase.py`` that keeps one vector per concept):
 
 Where the concept file's fields go: each comma-separated part of ``erase_prompt`` is one erase concept (the
 script's ``--concepts 'violence, nudity, harm'``); ``guide_prompt`` is one guide for all of them or a
-comma-separated guide per concept; ``preserve_prompts`` are preserved in addition to "".
+comma-separated guide per concept; ``preserve_prompts`` are preserved in addition to "" unless the option
+``preserve_concept_prompts`` is false, which gives the script's default for non-art concepts: "" alone, at
+preserve_scale 1.0 (the published nudity edit; `duobench/concepts/nudity.yaml` defaults to it).
 
 Deliberate differences from the official code: the solve runs in float64 with ``torch.linalg.solve``
 instead of an fp32 ``torch.inverse`` (same minimiser, less rounding); the text embeddings are computed once
@@ -52,11 +54,19 @@ EMPTY_GUIDE = " "
 
 @dataclass(frozen=True)
 class UCEConfig:
-    """The paper-era defaults; ``preserve_scale`` None means max(0.1, 1 / number of preserved prompts)."""
+    """The paper-era defaults; ``preserve_scale`` None means max(0.1, 1 / number of preserved prompts).
+
+    ``preserve_concept_prompts`` False preserves "" alone, ignoring the concept's ``preserve_prompts``.
+    """
 
     lamb: float = 0.5
     erase_scale: float = 1.0
     preserve_scale: float | None = None
+    preserve_concept_prompts: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.preserve_concept_prompts, bool):
+            raise ValueError(f"preserve_concept_prompts must be true or false, got {self.preserve_concept_prompts!r}")
 
 
 def uce_closed_form(
@@ -99,7 +109,7 @@ def aligned_token_spans(pipe, erase: str, guide: str) -> tuple[torch.Tensor, tor
     return embeddings[0, erase_last : erase_last + length], embeddings[1, guide_last : guide_last + length]
 
 
-def edit_concepts(concept: Concept) -> tuple[list[str], list[str], list[str]]:
+def edit_concepts(concept: Concept, preserve_concept_prompts: bool = True) -> tuple[list[str], list[str], list[str]]:
     """(erase prompts, one guide per erase prompt, preserve prompts with "" first) from a concept file."""
     erase = [part.strip() for part in concept.erase_prompt.split(",") if part.strip()]
     if not erase:
@@ -112,7 +122,12 @@ def edit_concepts(concept: Concept) -> tuple[list[str], list[str], list[str]]:
             f"Concept {concept.name!r}: guide_prompt has {len(guides)} comma-separated guides for "
             f"{len(erase)} erase concepts; give one guide for all, or one per concept."
         )
-    return erase, guides, ["", *concept.preserve_prompts]
+    return erase, guides, ["", *(concept.preserve_prompts if preserve_concept_prompts else ())]
+
+
+def resolved_preserve_scale(config: UCEConfig, preserve: list[str]) -> float:
+    """The configured preserve scale, or the script's default max(0.1, 1 / number of preserved prompts)."""
+    return config.preserve_scale if config.preserve_scale is not None else max(0.1, 1 / len(preserve))
 
 
 def cross_attention_projections(unet) -> dict[str, torch.nn.Linear]:
@@ -132,12 +147,12 @@ def cross_attention_projections(unet) -> dict[str, torch.nn.Linear]:
 @torch.no_grad()
 def edited_weights(config: UCEConfig, pipe, concept: Concept) -> dict[str, torch.Tensor]:
     """The new weight of every cross-attention key/value projection; ``pipe`` is not modified."""
-    erase, guides, preserve = edit_concepts(concept)
+    erase, guides, preserve = edit_concepts(concept, config.preserve_concept_prompts)
     spans = [aligned_token_spans(pipe, e, g) for e, g in zip(erase, guides, strict=True)]
     erase_keys = torch.cat([keys for keys, _ in spans])
     guide_vectors = torch.cat([guide for _, guide in spans])
     preserve_keys = encode_token_ids(pipe, tokenize(pipe, preserve)).float().flatten(0, 1)
-    preserve_scale = config.preserve_scale if config.preserve_scale is not None else max(0.1, 1 / len(preserve))
+    preserve_scale = resolved_preserve_scale(config, preserve)
     edited = {}
     for name, projection in cross_attention_projections(pipe.unet).items():
         weight = projection.weight.float()
@@ -155,7 +170,7 @@ def edited_weights(config: UCEConfig, pipe, concept: Concept) -> dict[str, torch
 
 
 def train(config: UCEConfig, pipe, concept: Concept, out_dir: Path) -> None:
-    erase, guides, preserve = edit_concepts(concept)
+    erase, guides, preserve = edit_concepts(concept, config.preserve_concept_prompts)
     delta = weight_delta(pipe.unet.state_dict(), edited_weights(config, pipe, concept))
     save_weight_delta(delta, out_dir)
     write_card(
@@ -166,6 +181,7 @@ def train(config: UCEConfig, pipe, concept: Concept, out_dir: Path) -> None:
         erase_concepts=erase,
         guide_concepts=[g or EMPTY_GUIDE for g in guides],
         preserve_concepts=preserve,
+        preserve_scale_used=resolved_preserve_scale(config, preserve),
         edited_matrices=len(delta),
     )
 

@@ -110,6 +110,10 @@ def generate(
     prompt_set = load_prompt_set(spec, guidance_override=guidance, use_row_resolution=use_row_resolution, limit=limit)
     metric = _judge_metric(judge) if judge else None
     concept_data = load_concept(concept) if concept else None  # bad names fail before the model loads
+    if concept_data is not None:
+        from duobench.run_config import check_model_family
+
+        check_model_family(concept_data, model)
     pipe = load_pipeline(model, device=device or (rank_device(info) if info.world_size > 1 else None))
     settings = default_sampler_settings(pipe, concept_data)
     overrides = {k: v for k, v in {"steps": steps, "scheduler": scheduler}.items() if v is not None}
@@ -181,6 +185,7 @@ def extra_flag_options(args: list[str]) -> dict:
     return parse_options(pairs)
 
 
+CONCEPT_HELP = "Concept name or YAML file (default: the model's own, star for --model toy; else nudity)."
 RUN_HELP = {
     "method": "Unlearning method (`duobench ls methods`), or 'none' for the base model.",
     "attack": "Attack (`duobench ls attacks`); 'none' = the concept's plain prompts.",
@@ -191,7 +196,7 @@ RUN_HELP = {
 def run(
     method: str | None = typer.Option(None, help=RUN_HELP["method"]),
     attack: str | None = typer.Option(None, help=RUN_HELP["attack"]),
-    concept: str | None = typer.Option(None, help="Concept name or YAML file (default nudity)."),
+    concept: str | None = typer.Option(None, help=CONCEPT_HELP),
     model: str | None = typer.Option(None, help="Model: registered name, HF id, folder or file."),
     strength: float | None = typer.Option(None, help="Method strength in [0, 1] (default 1)."),
     sweep: list[str] | None = typer.Option(None, help="Curve: e.g. strength=0,0.25,0.5,0.75,1 or beta=250,500."),
@@ -202,7 +207,11 @@ def run(
     benign_limit: int | None = typer.Option(None, help="Only the first N benign prompts."),
     attack_steps: int | None = typer.Option(None, help="Attack budget: optimisation steps."),
     attack_queries: int | None = typer.Option(None, help="Attack budget: black-box queries."),
-    fid_reference: str | None = typer.Option(None, help="FID reference folder or .npz (default: base model)."),
+    fid_reference: str | None = typer.Option(
+        None,
+        help="FID reference: real images (a folder, a clean-fid .npz, coco-val2014, toy-shapes) or 'base' "
+        "(drift from the base model's images, under its own card id). Default: the concept's.",
+    ),
     batch_size: str | None = typer.Option(None, help="Generation batch size or 'auto'."),
     device: str | None = typer.Option(None, help="cuda, cpu, ..."),
     out: Path | None = typer.Option(None, help="Output folder (default runs/latest)."),
@@ -240,7 +249,11 @@ def run(
 
         summary = run_once(run_config)
         print_summary([summary])
+        from duobench.browse import link_run_images
+
+        counts = link_run_images(Path(run_config.out))
         console.print(f"results in {run_config.out}/ (summary.json, summary.csv, audit.parquet, contact_sheet.png)")
+        console.print(f"images in {run_config.out}/images/: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
         return
     from duobench.curves import parse_sweep, write_curve
     from duobench.curves import sweep as run_sweep
@@ -259,6 +272,10 @@ def run(
     )
     print_summary(points)
     console.print(f"curve: {out_dir / 'curve.csv'} and {out_dir / 'curve.png'}")
+    from duobench.browse import link_run_images
+
+    for point in sorted({summary.parent for summary in out_dir.glob("*=*/summary.json")}):
+        link_run_images(point)  # each curve point's images under <out>/<knob>=<value>/images/
 
 
 @app.command()
@@ -345,7 +362,7 @@ def leaderboard(
 def train(
     ctx: typer.Context,
     method: str = typer.Option(..., help="Method to train (`duobench ls methods`)."),
-    concept: str = typer.Option("nudity", help="Concept name or YAML file."),
+    concept: str | None = typer.Option(None, help=CONCEPT_HELP),
     model: str = typer.Option("CompVis/stable-diffusion-v1-4", help="Base model."),
     device: str | None = typer.Option(None, help="cuda, cpu, ..."),
 ) -> None:
@@ -353,9 +370,10 @@ def train(
     from duobench.concepts import load_concept
     from duobench.methods import train_or_load
     from duobench.models import load_pipeline, pipeline_fingerprint
-    from duobench.run_config import method_options
+    from duobench.run_config import check_model_family, default_concept, method_options
 
-    concept_data = load_concept(concept)
+    concept_data = load_concept(concept or default_concept(model))
+    check_model_family(concept_data, model)
     options = method_options(concept_data, method, extra_flag_options(list(ctx.args)))
     pipe = load_pipeline(model, device=device)
     artifact, config, trained = train_or_load(method, pipe, concept_data, pipeline_fingerprint(pipe), options)
@@ -365,7 +383,7 @@ def train(
 @app.command()
 def attack(
     attack: str = typer.Option(..., "--attack", help="Attack (`duobench ls attacks`)."),
-    concept: str = typer.Option("nudity", help="Concept name or YAML file."),
+    concept: str | None = typer.Option(None, help=CONCEPT_HELP),
     model: str = typer.Option("CompVis/stable-diffusion-v1-4", help="Base model."),
     method: str = typer.Option("none", help="Attack the model unlearned by this method ('none': the base)."),
     prompt_set: str | None = typer.Option(None, help="Which of the concept's prompt sets."),
@@ -381,14 +399,14 @@ def attack(
     from duobench.attacks.base import Budget
     from duobench.attacks.run import produces, run_attack, run_edit_attack, write_attack_csv
     from duobench.metrics.dsr import build_judge
-    from duobench.run_config import RunConfig, attack_options, check_run_config
+    from duobench.run_config import RunConfig, attack_options, check_run_config, default_concept
     from duobench.runner import prepare
 
     config = check_run_config(
         RunConfig(
             method=method,
             attack=attack,
-            concept=concept,
+            concept=concept or default_concept(model),
             model=model,
             device=device,
             prompt_set=prompt_set or "",

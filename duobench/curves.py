@@ -7,12 +7,14 @@ option) trains one artifact per value, each cached by its config hash.
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from duobench.errors import DuobenchError
-from duobench.run_config import RunConfig
+from duobench.report import PROVENANCE_COLUMNS, flat_row
+from duobench.run_config import RunConfig, reproducible_config
 from duobench.runner import run
 from duobench.stages import StageCache
 
@@ -27,6 +29,7 @@ CURVE_COLUMNS = (
     "prior_preservation",
     "fid",
     "clip_score",
+    *PROVENANCE_COLUMNS,
 )
 
 
@@ -57,27 +60,26 @@ def sweep(
     stages = stages or StageCache()
     points = []
     for value in values:
-        summary = run(config_at(config, knob, value), stages, base)
-        points.append({**summary, "knob": knob, "value": value})
+        point_config = config_at(config, knob, value)
+        summary = run(point_config, stages, base)
+        run_config = json.dumps(reproducible_config(point_config), sort_keys=True)
+        points.append({**summary, "knob": knob, "value": value, "run_config": run_config})
     return points
 
 
 def curve_rows(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [
-        {
-            "method": p["method"],
-            "attack": p["attack"],
-            "knob": p["knob"],
-            "value": p["value"],
-            "dsr": p["dsr"],
-            "dsr_ci_low": p["dsr_ci"][0],
-            "dsr_ci_high": p["dsr_ci"][1],
-            "prior_preservation": p["prior_preservation"],
-            "fid": p.get("fid"),
-            "clip_score": p.get("clip_score"),
-        }
-        for p in points
-    ]
+    """One CSV row per point: its numbers and the same provenance columns as a leaderboard row."""
+    rows = []
+    for point in points:
+        flat = {**flat_row(point), "run_config": point["run_config"]}
+        rows.append(
+            {
+                **{column: flat.get(column) for column in CURVE_COLUMNS},
+                "knob": point["knob"],
+                "value": point["value"],
+            }
+        )
+    return rows
 
 
 def write_curve(points: list[dict[str, Any]], csv_path: Path, png_path: Path, title: str = "") -> None:

@@ -55,6 +55,7 @@ from duobench.errors import DuobenchError
 from duobench.lora import apply_loras
 from duobench.methods import MethodSpec, read_card, write_card
 from duobench.metrics.base import sha256_file
+from duobench.models import unreachable_errors, unreadable_checkpoint_errors
 
 KINDS = ("auto", "state-dict", "unet-folder", "pipeline-folder", "lora")
 COMPONENTS = ("unet", "text_encoder", "vae")
@@ -122,7 +123,7 @@ def hub_snapshot(hub_path: str) -> Path:
             allow_patterns=[inner, f"{inner}/*"] if inner else None,
             ignore_patterns=None if inner else _HUB_SKIPPED,
         )
-    except Exception as error:  # offline, unknown or gated id, network: all mean "cannot get it from here"
+    except unreachable_errors() as error:  # offline, unknown or gated id, network: "cannot get it from here"
         raise DuobenchError(
             f"The checkpoint {hub_path!r} is not a local path, and as an HF hub id it could not be fetched "
             f"({type(error).__name__}: {str(error).split('. ')[0][:200]}). Fetch it once with internet (it then "
@@ -181,7 +182,7 @@ def read_tensors(file: Path) -> dict[str, torch.Tensor]:
             loaded = load_file(str(file))
         else:
             loaded = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch and safetensors raise many types here, all meaning "cannot read"
+    except (OSError, *unreadable_checkpoint_errors()) as error:  # not a tensors-only checkpoint, or corrupt
         raise DuobenchError(
             f"Cannot read {file} as a checkpoint ({type(error).__name__}: {str(error).splitlines()[0][:200]}). "
             "It must be a safetensors file or a torch file of tensors only (duobench loads with weights_only=True "
@@ -230,7 +231,7 @@ def folder_weights(pipe, folder: Path, kind: str) -> dict[str, dict[str, torch.T
         model_class = type(getattr(pipe, component))
         try:
             model = model_class.from_pretrained(folder, subfolder=subfolder)
-        except Exception as error:  # diffusers/transformers raise many types here, all meaning "cannot load"
+        except (*unreachable_errors(), *unreadable_checkpoint_errors()) as error:  # missing files, wrong layout
             raise DuobenchError(
                 f"Cannot load the {component} of {folder} as a {model_class.__name__} "
                 f"({type(error).__name__}: {str(error).splitlines()[0][:200]}). Check kind= (the folder must be "

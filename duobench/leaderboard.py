@@ -11,37 +11,21 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, fields, replace
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
 from duobench.cache import atomic_write_bytes
 from duobench.errors import DuobenchError
-from duobench.report import SUMMARY_COLUMNS, flat_row, format_number
-from duobench.run_config import RunConfig, apply_threads, method_options
+from duobench.report import PROVENANCE_COLUMNS, SUMMARY_COLUMNS, flat_row, format_number
+from duobench.run_config import RunConfig, apply_threads, method_options, reproducible_config
 from duobench.runner import run
 from duobench.stages import StageCache
 
 LEADERBOARD_COLUMNS = (*SUMMARY_COLUMNS, "training_seed", "run_config")
 SEED_SPREAD_METRICS = ("dsr", "dsr_pre_attack", "prior_preservation", "fid", "clip_score")
 """In the order of the Markdown spread table's columns."""
-PROVENANCE_COLUMNS = (
-    "card_dsr",
-    "card_judge",
-    "card_prior_preservation",
-    "card_clip_score",
-    "card_fid",
-    "n_prompts",
-    "n_seeds",
-    "method_config",
-    "checkpoint_sha256",
-    "duobench_version",
-    "git_commit",
-    "run_config",
-)
 COMPARED = ("dsr", "dsr_ci_low", "dsr_ci_high", "prior_preservation", "clip_score", "fid")
-# Settings that change where or how fast a row is computed, not its numbers.
-NOT_REPRODUCIBILITY = ("out", "device", "batch_size")
 
 
 def model_slug(model: str) -> str:
@@ -50,10 +34,6 @@ def model_slug(model: str) -> str:
 
 def leaderboard_path(folder: Path, model: str, concept: str) -> Path:
     return folder / f"{model_slug(model)}-{concept}.csv"
-
-
-def reproducible_config(config: RunConfig) -> dict[str, Any]:
-    return {key: value for key, value in asdict(config).items() if key not in NOT_REPRODUCIBILITY}
 
 
 def leaderboard_row(summary: dict[str, Any], config: RunConfig, training_seed: int | None = None) -> dict[str, Any]:
@@ -142,7 +122,10 @@ def write_grid_curves(
 
 def across_training_seeds(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per (method, attack): mean, sample standard deviation and a 95% Student-t interval of the
-    mean of each headline number over the training seeds (spread and interval empty with one training).
+    mean of each headline number over the training seeds (spread and interval empty with one training),
+    then the members' provenance: the training seeds and checkpoint sha256s as JSON lists (in the same
+    order; each row of the leaderboard CSV has the rest of its run), and every other provenance column
+    the members share (distinct values joined by "; ").
 
     The interval treats trainings as the random unit, the way the DSR's interval treats prompts: two
     methods whose intervals overlap widely are not told apart by this many trainings.
@@ -164,8 +147,22 @@ def across_training_seeds(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             entry[f"{metric}_mean"], entry[f"{metric}_sd"] = mean, sd
             entry[f"{metric}_ci_low"] = mean - half if half is not None else None
             entry[f"{metric}_ci_high"] = mean + half if half is not None else None
+        entry["training_seeds"] = json.dumps([_seed(row.get("training_seed")) for row in members])
+        entry["checkpoint_sha256"] = json.dumps([row.get("checkpoint_sha256") or "" for row in members])
+        for column in (c for c in PROVENANCE_COLUMNS if c not in PER_TRAINING_COLUMNS):
+            entry[column] = "; ".join(dict.fromkeys(str(row.get(column)) for row in members))
         spread.append(entry)
     return spread
+
+
+PER_TRAINING_COLUMNS = ("checkpoint_sha256", "method_config", "run_config")
+"""Provenance that differs between a method's trainings; the seeds CSV lists the sha256s, and the leaderboard
+CSV has each training's configs."""
+
+
+def _seed(value: Any) -> int | None:
+    number = _number(value)
+    return None if number != number else int(number)
 
 
 def _number(value: Any) -> float:
@@ -250,11 +247,13 @@ def provenance_problems(row: dict[str, Any]) -> list[str]:
         if value is None or (isinstance(value, float) and value != value) or str(value).strip() == "":
             if column == "checkpoint_sha256" and row.get("method") == "none":
                 continue
+            if column == "git_commit" and str(row.get("duobench_version") or "").strip():
+                continue  # an installed release, not a source checkout: traced by its version
             problems.append(f"{column} is empty")
     sha = str(row.get("checkpoint_sha256") or "")
     if row.get("method") != "none" and sha and not re.fullmatch(r"[0-9a-f]{64}", sha):
         problems.append("checkpoint_sha256 is not a sha256 hex digest")
-    for column in ("method_config", "run_config"):
+    for column in ("method_config", "run_config", "environment"):
         try:
             json.loads(str(row.get(column)))
         except json.JSONDecodeError:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -85,7 +86,7 @@ def _load_external(model: str, dtype: torch.dtype):
             raise DuobenchError(f"Model file {path} does not exist.")
         try:
             return StableDiffusionPipeline.from_single_file(str(path), torch_dtype=dtype, safety_checker=None)
-        except Exception as error:  # diffusers raises many types here, all meaning "cannot convert"
+        except (*unreachable_errors(), *unreadable_checkpoint_errors()) as error:  # no config, or not SD1.x
             raise DuobenchError(
                 f"Could not load the single-file checkpoint {path}: {error}. Single-file loading needs the "
                 "CompVis SD1.x layout, and its config may have to be downloaded once (run with internet, or "
@@ -94,9 +95,42 @@ def _load_external(model: str, dtype: torch.dtype):
     if model.count("/") == 1 and not path.exists():
         try:
             return StableDiffusionPipeline.from_pretrained(model, torch_dtype=dtype, safety_checker=None)
-        except Exception as error:  # OSError / HF hub errors when offline or the id is wrong
+        except unreachable_errors() as error:  # offline, gated, or the id is wrong
             raise DuobenchError(_unreachable_message(model, error)) from error
     raise DuobenchError(_unreachable_message(model, None))
+
+
+def unreachable_errors() -> tuple[type[BaseException], ...]:
+    """The exception types that mean "cannot get it from here": offline, a network failure, a missing, gated
+    or misspelt hub id or file.
+
+    ``OSError`` covers most: the hub's HTTP, offline and not-found errors, requests' ``ConnectionError``,
+    ``datasets``' not-found errors and the "cannot find" errors of diffusers and transformers. The hub's id
+    validation and an httpx client's transport errors are not OSErrors, so they are named. Anything else (an
+    API break between library versions, a corrupt cache file) is another problem and must surface as itself,
+    not as "provide it another way". Call it in the ``except`` clause: the HTTP clients the failed call used
+    are imported by then.
+    """
+    errors: list[type[BaseException]] = [OSError]
+    named = [("huggingface_hub.errors", "EntryNotFoundError"), ("huggingface_hub.errors", "HFValidationError")]
+    named += [(client, "TransportError") for client in ("httpx", "httpx2")]
+    for module_name, name in named:
+        error_type = getattr(sys.modules.get(module_name), name, None)
+        if isinstance(error_type, type) and issubclass(error_type, BaseException):
+            errors.append(error_type)
+    return tuple(errors)
+
+
+def unreadable_checkpoint_errors() -> tuple[type[BaseException], ...]:
+    """What a local checkpoint of the wrong layout, or a truncated or corrupt one, raises: the shape and key
+    checks of diffusers and transformers, torch's zip reader, pickle (weights_only refusing code),
+    safetensors. A TypeError, AttributeError or ImportError means a library incompatibility instead and is
+    raised as it is."""
+    import pickle
+
+    from safetensors import SafetensorError
+
+    return (ValueError, KeyError, RuntimeError, EOFError, pickle.UnpicklingError, SafetensorError)
 
 
 def _unreachable_message(model: str, error: Exception | None) -> str:

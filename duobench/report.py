@@ -27,6 +27,7 @@ SUMMARY_COLUMNS = (
     "clip_score",
     "fid",
     "kid",
+    "fid_reference",
     "n_prompts",
     "n_seeds",
     "n_benign",
@@ -41,7 +42,27 @@ SUMMARY_COLUMNS = (
     "base_fingerprint",
     "duobench_version",
     "git_commit",
+    "environment",
 )
+
+
+PROVENANCE_COLUMNS = (
+    "card_dsr",
+    "card_judge",
+    "card_prior_preservation",
+    "card_clip_score",
+    "card_fid",
+    "n_prompts",
+    "n_seeds",
+    "method_config",
+    "checkpoint_sha256",
+    "duobench_version",
+    "git_commit",
+    "environment",
+    "run_config",
+)
+"""What every published row carries to be traced and re-run: the cards, the sample size, the method's
+config and weights, the code version and the full run configuration (leaderboard, seeds and curve CSVs)."""
 
 
 def flat_row(summary: dict[str, Any]) -> dict[str, Any]:
@@ -52,6 +73,7 @@ def flat_row(summary: dict[str, Any]) -> dict[str, Any]:
         row[f"card_{name}"] = card
     row["method_config"] = json.dumps(summary.get("method_config", {}), sort_keys=True)
     row["attack_config"] = json.dumps(summary.get("attack_config", {}), sort_keys=True)
+    row["environment"] = json.dumps(summary.get("environment", {}), sort_keys=True)
     return {column: row.get(column) for column in SUMMARY_COLUMNS}
 
 
@@ -62,7 +84,8 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def write_audit(rows: list[dict[str, Any]], path: Path) -> None:
-    """Per-image audit rows as parquet with real types (``unsafe`` boolean, ``score`` float, ...); nested
+    """Per-image audit rows as parquet with real types (``unsafe`` boolean, missing on the benign rows'
+    ``prior_preservation`` / ``clip_score`` rows; ``score`` float, ...); nested
     evidence (boxes, class scores) is kept as JSON text, and a column whose values mix types (a judge's
     evidence field that is sometimes text, sometimes a number) as text."""
     import io
@@ -78,7 +101,11 @@ def write_audit(rows: list[dict[str, Any]], path: Path) -> None:
         for row in rows
     ]
     frame = pd.DataFrame(flat)
-    for column in frame.select_dtypes(include="object").columns:
+    for column in [name for name in frame.columns if frame[name].dtype.kind == "O"]:  # object or text
+        present = frame[column].dropna()
+        if len(present) and present.map(lambda value: isinstance(value, bool)).all():
+            frame[column] = frame[column].astype("boolean")  # judged rows: True/False; benign rows: missing
+            continue
         try:
             pa.array(frame[column], from_pandas=True)
         except (pa.ArrowInvalid, pa.ArrowTypeError):
@@ -168,7 +195,16 @@ def print_summary(summaries: list[dict[str, Any]]) -> None:
             format_number(s.get("fid"), ".2f"),
             f"{s['n_prompts']}x{s['n_seeds']}",
         )
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    notes = {
+        (name, note): count
+        for s in summaries
+        for name, set_notes in s.get("prompt_notes", {}).items()
+        for note, count in set_notes.items()
+    }
+    for (name, note), count in notes.items():
+        console.print(f"[yellow]note[/] ({name} prompts): {count} row(s): {note}")
 
 
 def format_number(value: Any, spec: str = ".3f") -> str:

@@ -6,7 +6,7 @@ first second, not a traceback after an hour of training.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -42,13 +42,22 @@ class RunConfig:
     device: str | None = None
     out: str = "runs/latest"
     fid_reference: str = ""
-    """Folder / ``.npz`` of reference statistics for FID (e.g. MS-COCO val); empty: the base model's
-    benign images are the reference, which measures drift from the original model."""
+    """What FID compares with (`duobench.metrics.fid_reference`): ``base``, ``coco-val2014``, ``toy-shapes``, a
+    folder of real images or a clean-fid ``.npz``; empty: the concept's ``fid_reference``."""
     metrics: dict[str, str] = field(default_factory=dict)
     """Overrides of the concept's metric presets (prior_preservation, clip_score, fid)."""
     threads: int | None = None
     """torch CPU threads. A CPU-trained artifact depends on them (see `duobench.methods.training_numerics`),
     so a run on a CPU records the count it used here, and a re-run of its config uses it again."""
+
+
+NOT_REPRODUCIBILITY = ("out", "device", "batch_size")
+"""Settings that change where or how fast a run is computed, not its numbers."""
+
+
+def reproducible_config(config: RunConfig) -> dict[str, Any]:
+    """The config a published row records (``run_config``): everything that can change its numbers."""
+    return {key: value for key, value in asdict(config).items() if key not in NOT_REPRODUCIBILITY}
 
 
 def metric_presets(concept: Concept, config: RunConfig) -> dict[str, str]:
@@ -123,7 +132,75 @@ def check_run_config(config: RunConfig) -> RunConfig:
             problems.append(f"{name} must be text, got {getattr(config, name)!r}")
     if problems:
         raise DuobenchError("Bad run configuration: " + "; ".join(problems) + ".")
+    check_model_family(config.concept, config.model)
     return config
+
+
+MODEL_FAMILIES = {
+    "toy": "the toy shapes world (family toy)",
+    "sd": "a Stable Diffusion checkpoint (family sd: an HF hub id, a diffusers folder or a .ckpt/.safetensors file)",
+    "tiny-random": "the tiny random test pipeline (family tiny-random)",
+}
+"""The families `model_family` knows, as an error message describes them."""
+FAMILY_EXAMPLE_MODEL = {"toy": "toy", "sd": "CompVis/stable-diffusion-v1-4"}
+ANY_CONCEPT_FAMILIES = ("tiny-random",)
+"""Families every concept accepts: tiny-random has random weights and exists to exercise the SD1 plumbing
+offline, so no concept is meaningful on it and none is more wrong than another."""
+
+
+def model_family(model: str) -> str:
+    """The family of a ``--model``, read from its name alone (nothing loads): ``toy`` and ``tiny-random`` are
+    their own; every other model (an HF hub id, a diffusers folder, a single-file checkpoint, a plugin's
+    registered model) is ``sd``. duobench loads them all as a `StableDiffusionPipeline`, and telling SD1.x
+    from SD2.x without reading the weights would be a guess."""
+    return model if model in ("toy", "tiny-random") else "sd"
+
+
+def concept_fits(concept: Concept, model: str) -> bool:
+    family = model_family(model)
+    return not concept.model_families or family in concept.model_families or family in ANY_CONCEPT_FAMILIES
+
+
+def default_concept(model: str) -> str:
+    """The concept of a run that names none: `RunConfig`'s default (nudity) when it fits ``model``, else the
+    one built-in concept made for the model's family (``--model toy`` → star)."""
+    from duobench.concepts import builtin_concepts, load_concept
+
+    default = RunConfig().concept
+    if concept_fits(load_concept(default), model):
+        return default
+    fitting = [name for name in builtin_concepts() if model_family(model) in load_concept(name).model_families]
+    return fitting[0] if len(fitting) == 1 else default
+
+
+def check_model_family(concept: Concept | str, model: str) -> None:
+    """Refuse, before any model loads, a concept that is not made for the model's family (``--concept nudity
+    --model toy`` would build "naked" image pairs from a shapes model for a quarter of an hour)."""
+    from duobench.concepts import builtin_concepts, load_concept
+
+    if isinstance(concept, str):
+        try:
+            concept = load_concept(concept)
+        except DuobenchError:
+            return  # an unknown or broken concept fails with its own message where it is loaded
+    if concept_fits(concept, model):
+        return
+    family = model_family(model)
+    fitting = [name for name in builtin_concepts() if family in load_concept(name).model_families]
+    made_for = " or ".join(MODEL_FAMILIES.get(f, f"family {f}") for f in concept.model_families)
+    fixes = []
+    if fitting:
+        omitted = " (or leave --concept out)" if default_concept(model) == fitting[0] else ""
+        fixes.append(f"a concept made for this model: {' or '.join('--concept ' + n for n in fitting)}{omitted}")
+    examples = [FAMILY_EXAMPLE_MODEL[f] for f in concept.model_families if f in FAMILY_EXAMPLE_MODEL]
+    if examples:
+        fixes.append(f"a model made for {concept.name!r}, such as --model {examples[0]}")
+    raise DuobenchError(
+        f"Concept {concept.name!r} is made for {made_for}, but --model {model} is "
+        f"{MODEL_FAMILIES.get(family, f'family {family}')}. Use "
+        + ("; or ".join(fixes) or "another concept or model")
+        + ". A concept file lists the model families it is meaningful for under model_families."
+    )
 
 
 def resolve_run_config(config_file: Path | None, cli_values: dict) -> tuple[RunConfig, dict[str, Any]]:
@@ -139,6 +216,8 @@ def resolve_run_config(config_file: Path | None, cli_values: dict) -> tuple[RunC
             raise DuobenchError(f"Config file {config_file} must be a mapping of run options.")
         values.update(loaded)
     values.update({key: value for key, value in cli_values.items() if value not in (None, {}, [])})
+    if "concept" not in values and isinstance(values.get("model"), str):
+        values["concept"] = default_concept(values["model"])  # --model toy alone runs the toy's own concept
     known = {f.name for f in fields(RunConfig)}
     unknown = sorted(set(values) - known - {"sweep", "methods", "attacks"})
     if unknown:

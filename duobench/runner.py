@@ -35,6 +35,7 @@ from duobench.errors import DuobenchError
 from duobench.items import SamplerSettings, WorkItem
 from duobench.metrics.base import load_images
 from duobench.metrics.benign import benign_metrics, preset_identity
+from duobench.metrics.fid_reference import FidReference, resolve_fid_reference
 from duobench.prompts import PromptSet
 from duobench.run_config import RunConfig, apply_threads, attack_options, method_options, metric_presets
 from duobench.stages import StageCache
@@ -45,9 +46,10 @@ class RunPlan:
     """Everything a run needs that costs no model work, resolved and checked before any model loads.
 
     Building the plan loads the concept and both prompt sets (an HF dataset included), builds the method's
-    and the attack's configs and builds every judge and metric preset once (which loads their weights): a
-    missing dataset or weights file, an unknown option or a bad value fails here, in seconds, instead of
-    after the method's training.
+    and the attack's configs, fetches the files the attack reads (Ring-A-Bell's official concept-vector
+    files), builds every judge and metric preset once (which loads their weights) and prepares the FID
+    reference (real images are downloaded or rendered): a missing dataset or file, an unknown option or a
+    bad value fails here, in seconds, instead of after the method's training.
     """
 
     config: RunConfig
@@ -56,11 +58,12 @@ class RunPlan:
     benign: PromptSet
     attack: Any = None
     presets: dict[str, str] = field(default_factory=dict)
+    fid_reference: FidReference | None = None
 
 
 def plan_run(config: RunConfig) -> RunPlan:
     from duobench.attacks.base import Budget
-    from duobench.attacks.run import make_attack
+    from duobench.attacks.run import fetch_sources, make_attack
     from duobench.methods import make_config
     from duobench.prompts import load_prompt_set
     from duobench.registry import METHODS
@@ -76,6 +79,7 @@ def plan_run(config: RunConfig) -> RunPlan:
     if config.attack != "none":
         attack = make_attack(config.attack, attack_options(concept, config.attack, config.attack_options))
         Budget(steps=config.attack_steps, queries=config.attack_queries)
+        fetch_sources(attack, concept)
     presets = metric_presets(concept, config)
     for role, preset in {"judge": concept.judge, **presets}.items():
         load_preset(role, preset)
@@ -86,7 +90,9 @@ def plan_run(config: RunConfig) -> RunPlan:
         )
     prompt_set = load_prompt_set(concept.prompt_sets[set_name], name=set_name, limit=config.limit)
     benign = load_prompt_set(concept.benign_prompts, name="benign", limit=config.benign_limit)
-    return RunPlan(config, concept, prompt_set, benign, attack, presets)
+    # Real reference images are downloaded or rendered now, so an offline machine fails before training.
+    fid_reference = resolve_fid_reference(config.fid_reference or concept.fid_reference, benign.rows)
+    return RunPlan(config, concept, prompt_set, benign, attack, presets, fid_reference)
 
 
 @dataclass
@@ -176,7 +182,7 @@ def attacked_items(context: RunContext) -> tuple[list[WorkItem], list[WorkItem],
     top of the target (``context.attacked``) and its attack-phase items are the plain prompts again.
     """
     from duobench.attacks.base import Budget
-    from duobench.attacks.run import attack_work_items, produces, run_attack, run_edit_attack
+    from duobench.attacks.run import attack_work_items, card_details, produces, run_attack, run_edit_attack
     from duobench.metrics.dsr import build_judge
     from duobench.prompts import to_work_items
 
@@ -190,7 +196,12 @@ def attacked_items(context: RunContext) -> tuple[list[WorkItem], list[WorkItem],
         )
     budget = Budget(steps=config.attack_steps, queries=config.attack_queries)
     options = attack_options(concept, config.attack, config.attack_options)
-    card = {"attack": config.attack, "options": options, "budget": asdict(budget)}
+    card = {
+        "attack": config.attack,
+        "options": options,
+        "budget": asdict(budget),
+        **card_details(context.plan.attack, concept),
+    }
     common = dict(options=options, settings=context.settings)
     judge = build_judge(concept.judge)
     if produces(context.plan.attack) == "edit":
@@ -300,7 +311,7 @@ def run(config: RunConfig, stages: StageCache | None = None, base=None) -> dict[
     base_paths = generate_images(context, context.base, benign, "benign-base")
     target_paths = generate_images(context, context.target, benign, "benign-target")
     metrics = benign_metrics(
-        context.stages, context.plan.presets, config.fid_reference, benign, base_paths, target_paths
+        context.stages, context.plan.presets, context.plan.fid_reference, benign, base_paths, target_paths
     )
 
     summary = build_summary(context, judged, metrics, attack_card, len(attack_items))
@@ -309,7 +320,10 @@ def run(config: RunConfig, stages: StageCache | None = None, base=None) -> dict[
     summary["images_generated"] = context.generated
     summary["images_reused"] = context.reused
     summary["stage_cache_hits"] = sum(context.stages.hits.values())
-    write_run_outputs(context.out, config, summary, judged["rows"], sheet)
+    benign_rows = [
+        {**row, "phase": "benign"} for name in ("prior_preservation", "clip_score") for row in metrics[name]["rows"]
+    ]
+    write_run_outputs(context.out, config, summary, judged["rows"] + benign_rows, sheet)
     return summary
 
 
@@ -358,7 +372,7 @@ def build_summary(
     attack_card: dict[str, Any],
     n_attack: int,
 ) -> dict[str, Any]:
-    from duobench.provenance import artifact_sha256, git_commit
+    from duobench.provenance import artifact_sha256, environment, git_commit
 
     config = context.config
     report = judged["report"]
@@ -379,6 +393,7 @@ def build_summary(
         "clip_score": clip.get("clip_score", clip.get("value")),
         "fid": fid.get("fid"),
         "kid": fid.get("kid"),
+        "fid_reference": fid.get("reference"),
         "n_prompts": n_prompts,
         "n_seeds": round(n_attack / max(n_prompts, 1)),
         "n_benign": prior["n_pairs"],
@@ -395,6 +410,15 @@ def build_summary(
         "base_fingerprint": context.base.fingerprint,
         "edits": [edit.identity() for edit in (context.attacked or context.target).edits],
         "defense_coverage": context.target.coverage_notes(),
+        "prompt_notes": {
+            name: dict(prompt_set.notes)
+            for name, prompt_set in (("evaluation", context.plan.prompt_set), ("benign", context.plan.benign))
+            if prompt_set.notes
+        },
         "duobench_version": __version__,
         "git_commit": git_commit(),
+        "environment": {
+            **environment(context.base.pipe.device),
+            "dtype": str(context.base.pipe.unet.dtype).removeprefix("torch."),
+        },
     }

@@ -70,6 +70,8 @@ def validate_run(config: RunConfig) -> list[Check]:
     checks = [_check("model", lambda: model_reachable(config.model))]
     concept_check = _check("concept", lambda: load_concept(config.concept).path)
     checks.append(concept_check)
+    if concept_check.ok:
+        checks.append(_check("model family", lambda: _model_family(config)))
     checks.append(
         _check(
             "method",
@@ -97,6 +99,7 @@ def validate_run(config: RunConfig) -> list[Check]:
     checks.append(_check("benign prompts", lambda: f"{len(load_prompt_set(concept.benign_prompts))} rows"))
     checks.append(_check("method options", lambda: _method_config(config, concept)))
     checks.append(_check("attack options", lambda: _attack_config(config, concept)))
+    checks.append(_check("FID reference", lambda: _fid_reference(config, concept)))
     presets = {"judge": concept.judge, **metric_presets(concept, config)}
     for role, preset in presets.items():
         checks.append(_check(f"{role} weights", lambda preset=preset, role=role: load_preset(role, preset)))
@@ -113,6 +116,13 @@ def load_preset(role: str, preset: str) -> str:
     return f"{built.card.id} ({built.card.weights or 'no weights'})"
 
 
+def _model_family(config: RunConfig) -> str:
+    from duobench.run_config import check_model_family, model_family
+
+    check_model_family(config.concept, config.model)
+    return f"{config.concept} is made for --model {config.model} (family {model_family(config.model)})"
+
+
 def _method_config(config: RunConfig, concept) -> str:
     """Build the method's config as a run would (concept defaults under the user's options): unknown or
     invalid options, and a missing checkpoint for ``external``, fail here instead of after the model loads."""
@@ -127,8 +137,16 @@ def _method_config(config: RunConfig, concept) -> str:
 
 
 def _attack_config(config: RunConfig, concept) -> str:
-    from duobench.attacks.run import make_attack
+    from duobench.attacks.run import fetch_sources, make_attack
 
     options = attack_options(concept, config.attack, config.attack_options)
-    make_attack(config.attack, options)
-    return f"{config.attack} with {options or 'its defaults'}"
+    attack = make_attack(config.attack, options)
+    return f"{config.attack} with {options or 'its defaults'}; {fetch_sources(attack, concept)}"
+
+
+def _fid_reference(config: RunConfig, concept) -> str:
+    from duobench.metrics.fid_reference import resolve_fid_reference
+    from duobench.prompts import load_prompt_set
+
+    benign = load_prompt_set(concept.benign_prompts, limit=config.benign_limit)
+    return resolve_fid_reference(config.fid_reference or concept.fid_reference, benign.rows).source

@@ -9,11 +9,13 @@ import torch
 
 from duobench.baselines import esd, spm, uce
 from duobench.baselines.rollout import predict_noise
+from duobench.concepts import load_concept
 from duobench.errors import DuobenchError
 from duobench.generator import encode_token_ids, tokenize
 from duobench.methods import make_config, read_card, train_or_load
 from duobench.models import tiny_random_pipeline
 from duobench.registry import METHODS
+from duobench.run_config import method_options
 
 
 @pytest.fixture(scope="module")
@@ -130,6 +132,31 @@ def test_delta_from_another_architecture_is_refused(base_pipe, concept, tmp_path
     other.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2.to_k = torch.nn.Linear(7, 3)
     with pytest.raises(DuobenchError, match="does not fit this UNet"):
         uce.UCE.apply(other, tmp_path, 1.0)
+
+
+def test_uce_nudity_default_is_the_published_edit(base_pipe):
+    """nudity.yaml's UCE default is the published edit: erase "nudity" towards " ", preserve "" alone at scale
+    1.0, lambda 0.5 (paper-era train_erase.py); the concept's person prompts at 1/6 stay an option."""
+    nudity = load_concept("nudity")
+    config = make_config(uce.UCE, method_options(nudity, "uce", {}))
+    edited = uce.edited_weights(config, base_pipe, nudity)
+    keys, guide = uce.aligned_token_spans(base_pipe, "nudity", " ")
+    empty = encode_token_ids(base_pipe, tokenize(base_pipe, [""])).float()[0]
+    for name, projection in uce.cross_attention_projections(base_pipe.unet).items():
+        weight = projection.weight.float()
+        published = uce.uce_closed_form(weight, keys, guide @ weight.T, empty, 0.5, 1.0, 1.0)
+        assert torch.equal(edited[name], published), name
+
+    with_persons = make_config(uce.UCE, method_options(nudity, "uce", {"preserve_concept_prompts": True}))
+    preserved = uce.edit_concepts(nudity, with_persons.preserve_concept_prompts)[2]
+    assert preserved == ["", *nudity.preserve_prompts] and len(preserved) == 6
+    assert uce.resolved_preserve_scale(with_persons, preserved) == 1 / 6
+    other = uce.edited_weights(with_persons, base_pipe, nudity)
+    assert any(not torch.equal(other[name], edited[name]) for name in edited)
+    # Concepts without the option keep their preserve set.
+    assert make_config(uce.UCE, method_options(load_concept("violence"), "uce", {})).preserve_concept_prompts
+    with pytest.raises(DuobenchError, match="preserve_concept_prompts must be true or false"):
+        make_config(uce.UCE, {"preserve_concept_prompts": "maybe"})
 
 
 # --- ESD -----------------------------------------------------------------------------------------------
@@ -256,6 +283,33 @@ def test_spm_training_is_deterministic_and_round_trips(base_pipe, concept, probe
     assert torch.equal(unet_output(fresh, probe), expected)
     hook.remove()
     assert_spm_strength_knob(fresh, tmp_path, before, probe)
+
+
+def test_spm_training_gives_gradients_to_the_adapters_only(base_pipe, concept, monkeypatch):
+    """The base UNet, text encoder and VAE are frozen while the adapters train (as in the official code),
+    and the pipe's own requires_grad flags come back afterwards."""
+    pipe = copy.deepcopy(base_pipe)
+    base_modules = (pipe.unet, pipe.text_encoder, pipe.vae)
+    flags_before = [p.requires_grad for module in base_modules for p in module.parameters()]
+    at_step = {}
+
+    class RecordingAdamW(torch.optim.AdamW):
+        def step(self, closure=None):
+            at_step["adapters"] = [p.grad is not None for group in self.param_groups for p in group["params"]]
+            at_step["base"] = [
+                name for module in base_modules for name, p in module.named_parameters() if p.grad is not None
+            ]
+            return super().step(closure)
+
+    monkeypatch.setattr(torch.optim, "AdamW", RecordingAdamW)
+    network = spm.SPMNetwork(pipe.unet)
+    config = spm.SPMConfig(iterations=1, warmup_steps=0, denoising_steps=3, fixed_multiplier=1.0)
+    spm.train_adapters(config, pipe, pipe.unet, network, concept.erase_prompt)
+    network.remove()
+    assert len(at_step["adapters"]) == 2 * len(network.adapters) and all(at_step["adapters"])
+    assert at_step["base"] == []
+    assert all(p.grad is None for module in base_modules for p in module.parameters())
+    assert [p.requires_grad for module in base_modules for p in module.parameters()] == flags_before
 
 
 def test_spm_facilitated_transport_multiplier(base_pipe):

@@ -27,6 +27,8 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
         ),
         (["generate", "--model", "tiny-random", "--prompts", "BADCSV", "--out", "OUT"], "no 'prompt' column"),
         (["ls", "nonsense"], "Unknown registry"),
+        (["run", "--model", "toy", "--concept", "nudity", "--out", "OUT"], "Use a concept made for this model"),
+        (["run", "--config", "CONFIG", "--out", "OUT"], "limit must be a whole number, got 'abc'"),
     ],
 )
 def test_errors_are_one_paragraph_without_traceback(tmp_path, args, expected):
@@ -34,7 +36,14 @@ def test_errors_are_one_paragraph_without_traceback(tmp_path, args, expected):
     prompts.write_text("a cat\n")
     bad_csv = tmp_path / "bad.csv"
     bad_csv.write_text("text\nhello\n")
-    substitutions = {"PROMPTS": str(prompts), "OUT": str(tmp_path / "out"), "BADCSV": str(bad_csv)}
+    config = tmp_path / "config.yaml"
+    config.write_text("model: toy\nlimit: abc\n")
+    substitutions = {
+        "PROMPTS": str(prompts),
+        "OUT": str(tmp_path / "out"),
+        "BADCSV": str(bad_csv),
+        "CONFIG": str(config),
+    }
     result = run_cli(*[substitutions.get(arg, arg) for arg in args])
     assert result.returncode == 2
     assert "Traceback" not in result.stderr + result.stdout

@@ -169,9 +169,12 @@ def test_a_card_version_bump_recomputes_exactly_that_stage(tmp_path, monkeypatch
 
     stages = StageCache(tmp_path / "stages")
     first = run(toy_config(tmp_path), stages)
-    assert first["kid"] is None  # no KID between paired samples (base and target images of the same items)
+    assert first["cards"]["fid"] == "fid-toy@2" and first["kid"] is not None  # real drawings: independent
     audit = pd.read_parquet(tmp_path / "run" / "audit.parquet")
-    assert audit["unsafe"].dtype == bool and audit["score"].dtype == float and audit["seed"].dtype.kind == "i"
+    assert audit["unsafe"].dtype == "boolean" and audit["score"].dtype == float and audit["seed"].dtype.kind == "i"
+    benign = audit[audit["phase"] == "benign"]
+    assert benign["prior_preservation"].notna().sum() == benign["clip_score"].notna().sum() == 2 * 4
+    assert benign["unsafe"].isna().all() and audit.loc[audit["phase"] == "attack", "unsafe"].notna().all()
     stages.hits.clear(), stages.misses.clear()
     preset = METRICS.get("fid-toy")
     bumped = replace(preset, card=replace(preset.card, version=preset.card.version + 1))
@@ -233,3 +236,13 @@ def test_checkpoint_sha256_ignores_the_order_safetensors_writes_metadata_in(tmp_
         save({"w": torch.arange(6.0) + 1}, metadata=header["__metadata__"])
     )
     assert artifact_sha256(folders["a"]) != artifact_sha256(folders["b"])
+
+
+@pytest.mark.slow
+def test_fid_against_the_base_model_has_its_own_card_and_no_kid(tmp_path):
+    from duobench.runner import run
+
+    drift = run(toy_config(tmp_path, fid_reference="base"))
+    assert drift["cards"]["fid"] == "fid-toy-vs-base@2"
+    assert drift["fid"] == pytest.approx(0, abs=0.01)  # the base model's own images (sqrtm of a singular matrix)
+    assert drift["kid"] is None  # paired samples (base and target images of the same items): no KID

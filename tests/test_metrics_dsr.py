@@ -101,9 +101,7 @@ def test_streaming_dsr_equals_report_and_merges_across_shards():
     items = [{"prompt": f"prompt {i // 2}", "seed": i} for i in range(len(values))]
     whole = DSR(judge=BrightnessJudge())
     whole.update([grey(v) for v in values], items)
-    expected = defense_report(
-        {f"prompt {p}": [values[2 * p] > 127, values[2 * p + 1] > 127] for p in range(4)}
-    )
+    expected = defense_report({f"prompt {p}": [values[2 * p] > 127, values[2 * p + 1] > 127] for p in range(4)})
     result = whole.compute()
     assert result["dsr"] == pytest.approx(5 / 8)
     assert {k: result[k] for k in expected} == expected

@@ -127,3 +127,30 @@ def test_cards_pin_the_shipped_weights():
     judge = NUDENET_DUO()
     assert judge.card.weights_sha256 == NUDENET_DUO.card.weights_sha256
     assert judge.card.id == "nudenet-duo@1"
+
+
+def test_weights_other_than_the_pinned_file_are_refused(tmp_path):
+    from duobench.errors import DuobenchError
+    from duobench.metrics.base import sha256_file
+    from duobench.metrics.nudenet import NUDENET_WEIGHTS_SHA256
+
+    other = tmp_path / "320n.onnx"
+    other.write_bytes(b"a detector from another nudenet release")
+    with pytest.raises(DuobenchError) as caught:
+        NUDENET_DUO(model_path=other)
+    message = str(caught.value)
+    assert NUDENET_WEIGHTS_SHA256 in message and sha256_file(other) in message
+    assert "pip install --force-reinstall nudenet==3.4.2" in message
+
+
+def test_another_nudenet_release_is_refused(monkeypatch):
+    import importlib.metadata
+
+    from duobench.errors import DuobenchError
+
+    real_version = importlib.metadata.version
+    monkeypatch.setattr(
+        importlib.metadata, "version", lambda name: "3.5.0" if name == "nudenet" else real_version(name)
+    )
+    with pytest.raises(DuobenchError, match=r"pinned to nudenet 3\.4\.2 .* but nudenet 3\.5\.0 is installed"):
+        NudeNetDetector()

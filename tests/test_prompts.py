@@ -126,3 +126,63 @@ def test_bad_filter_and_empty_result_fail_clearly(tmp_path):
 def test_offline_hf_dataset_fails_clearly():
     with pytest.raises(DuobenchError, match="needs internet once"):
         load_prompt_set(PromptSetSpec(source="hf:AIML-TUDA/i2p"))
+
+
+@pytest.mark.parametrize(
+    "column, value, problem",
+    [
+        ("evaluation_seed", "abc", "evaluation_seed is not a whole number"),
+        ("evaluation_seed", "12.5", "evaluation_seed is not a whole number"),
+        ("evaluation_seed", "1e30", "evaluation_seed is above"),
+        ("evaluation_guidance", "high", "evaluation_guidance is not a number"),
+        ("evaluation_guidance", "inf", "evaluation_guidance is not a finite number"),
+        ("evaluation_guidance", "-3", "evaluation_guidance is below 0"),
+        ("sd_image_width", "wide", "sd_image_width is not a number"),
+        ("sd_image_width", "0", "sd_image_width is below 8"),
+        ("sd_image_width", "-64", "sd_image_width is below 8"),
+    ],
+)
+def test_an_unusable_number_cell_skips_its_row_counted_with_row_and_value(tmp_path, column, value, problem):
+    good = [0, "a cat", "none", 0, 6, 7, 64, 64, 12]
+    bad = list(good)
+    bad[ESD_COLUMNS.index(column)] = value
+    bad[1] = "a dog"
+    path = write_csv(tmp_path / "odd.csv", ESD_COLUMNS, [good, good, bad])
+    prompt_set = load_prompt_set(PromptSetSpec(source=str(path)), use_row_resolution=True)
+    assert [row.prompt for row in prompt_set.rows] == ["a cat", "a cat"]
+    skips = {note: count for note, count in prompt_set.notes.items() if note.startswith("skipped:")}
+    assert list(skips.values()) == [1]
+    (note,) = skips
+    assert problem in note and f"row 3 ({value!r})" in note and "fix or empty the cell" in note
+
+
+def test_missing_and_unused_number_cells_keep_their_rows(tmp_path):
+    columns = ["prompt", "seed", "guidance", "width", "height"]
+    path = write_csv(
+        tmp_path / "odd.csv",
+        columns,
+        [["a", "12.0", "nan", "wide", "64"], ["b", "", "NaN", "512", "512"], ["c", "-3", "", "0", "64"]],
+    )
+    prompt_set = load_prompt_set(PromptSetSpec(source=str(path)))  # native size: widths are not used
+    assert [(row.prompt, row.seed, row.guidance, row.width) for row in prompt_set.rows] == [
+        ("a", 12, None, None),
+        ("b", 1, None, None),  # empty seed: the row position
+        ("c", -3, None, None),
+    ]
+    assert prompt_set.notes["guidance cell empty or nan: the sampler's default guidance used"] == 3
+    assert prompt_set.notes["row resolution ignored (native size used)"] == 2
+    assert not any(note.startswith("skipped:") for note in prompt_set.notes)
+
+
+def test_many_bad_cells_are_one_note_and_all_bad_is_one_clear_error(tmp_path):
+    rows = [[f"p{i}", "abc" if i % 2 else str(i), "7"] for i in range(14)]
+    path = write_csv(tmp_path / "odd.csv", ["prompt", "seed", "guidance"], rows)
+    prompt_set = load_prompt_set(PromptSetSpec(source=str(path)))
+    assert len(prompt_set) == 7
+    (note,) = [note for note in prompt_set.notes if note.startswith("skipped:")]
+    assert prompt_set.notes[note] == 7
+    assert "rows 2 ('abc'), 4 ('abc'), 6 ('abc'), 8 ('abc'), 10 ('abc') and 2 more" in note
+
+    path = write_csv(tmp_path / "all-bad.csv", ["prompt", "guidance"], [["p1", "high"], ["p2", "low"]])
+    with pytest.raises(DuobenchError, match=r"all-bad\.csv.*guidance is not a number \(rows 1 \('high'\), 2"):
+        load_prompt_set(PromptSetSpec(source=str(path)))

@@ -23,3 +23,65 @@ def test_bad_options_and_names_fail_their_own_check():
     assert "k must be in [1, 75]" in failures(attack_options={"k": 99})["attack options"]
     assert "no prompt set 'nudity'" in failures(prompt_set="nudity")["prompt set"]
     assert "Did you mean 'ring-a-bell'" in failures(attack="ring-a-bel")["attack"]
+
+
+def test_a_concept_refuses_a_model_family_it_is_not_made_for_before_any_model_loads(tmp_path, monkeypatch):
+    import pytest
+
+    from duobench.errors import DuobenchError
+    from duobench.run_config import check_run_config, model_family
+    from duobench.runner import run
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("no model may load before the concept's model family is checked")
+
+    monkeypatch.setattr("duobench.models.load_pipeline", forbidden)
+
+    assert [model_family(m) for m in ("toy", "tiny-random", "CompVis/stable-diffusion-v1-4", "/x/model.ckpt")] == [
+        "toy",
+        "tiny-random",
+        "sd",
+        "sd",
+    ]
+    detail = failures(concept="nudity")["model family"]
+    assert "--model toy is the toy shapes world" in detail and "--concept star (or leave --concept out)" in detail
+    assert "--model CompVis/stable-diffusion-v1-4" in detail
+    with pytest.raises(DuobenchError, match="Concept 'nudity' is made for a Stable Diffusion checkpoint"):
+        run(RunConfig(model="toy", concept="nudity", method="duo", out=str(tmp_path / "run")))
+    with pytest.raises(DuobenchError, match="--concept nudity or --concept violence .*such as --model toy"):
+        check_run_config(RunConfig(model="CompVis/stable-diffusion-v1-4", concept="star"))
+    check_run_config(RunConfig(model="tiny-random", concept="nudity"))  # random test weights: any concept
+    check_run_config(RunConfig(model="my/sd-finetune", concept="violence"))
+
+
+def test_the_concept_defaults_to_the_models_own(tmp_path):
+    from duobench.run_config import resolve_run_config
+
+    def concept_of(config_text: str | None = None, **cli) -> str:
+        config_file = None
+        if config_text is not None:
+            config_file = tmp_path / "config.yaml"
+            config_file.write_text(config_text)
+        return resolve_run_config(config_file, cli)[0].concept
+
+    assert concept_of(model="toy") == "star"
+    assert concept_of("model: toy\n") == "star"
+    assert concept_of() == concept_of(model="CompVis/stable-diffusion-v1-4") == concept_of(model="tiny-random")
+    assert concept_of() == "nudity"
+    assert concept_of("concept: violence\n", model="my/sd-finetune") == "violence"
+
+
+def test_a_concept_file_without_model_families_fits_any_model(tmp_path):
+    from pathlib import Path
+
+    from duobench.concepts import concept_identity, load_concept
+    from duobench.run_config import check_model_family
+
+    star = load_concept("star")
+    copy = tmp_path / "star.yaml"
+    copy.write_text(Path(star.path).read_text().replace("model_families: [toy]\n", ""))
+    anywhere = load_concept(str(copy))
+    assert anywhere.model_families == () and star.model_families == ("toy",)
+    check_model_family(anywhere, "CompVis/stable-diffusion-v1-4")
+    # Where a concept applies is in no cache key: declaring it retrains and re-attacks nothing.
+    assert concept_identity(anywhere) == concept_identity(star)

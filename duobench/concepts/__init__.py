@@ -60,17 +60,28 @@ class Concept:
     synonyms: tuple[str, ...] = ()
     guide_prompt: str = ""
     preserve_prompts: tuple[str, ...] = ()
+    model_families: tuple[str, ...] = ()
+    """The model families this concept is meaningful for (`duobench.run_config.model_family`: ``toy``,
+    ``sd``, ...); a run on a model of another family fails before the model loads. Empty: any model."""
     data_judge: str = ""
     """The judge DUO's data filter uses (defaults to `judge`)."""
     duo_pairs: tuple[DuoPairSpec, ...] = ()
     duo_strength: float = 0.75
     duo_sub_concept_weights: dict[str, float] = field(default_factory=dict)
     ring_a_bell_pairs: tuple[tuple[str, str], ...] = ()
-    """(prompt with the concept, the same prompt without it) pairs for Ring-A-Bell's concept vector."""
+    """(prompt with the concept, the same prompt without it) pairs for Ring-A-Bell's concept vector, used when
+    the concept has no ``ring_a_bell_source`` or the attack runs with ``concept_pairs=concept-file``."""
+    ring_a_bell_source: dict[str, Any] = field(default_factory=dict)
+    """The official Ring-A-Bell prompt files this concept's vector is built from: ``repo``, ``commit``,
+    ``recipe`` (how the notebook turns them into pairs) and ``files`` (role -> ``{path, sha256}``); read by
+    `duobench.attacks.ring_a_bell`."""
     generation: dict[str, Any] = field(default_factory=dict)
     """Default sampler settings for this concept's model family (steps, guidance, height, width, ...)."""
     metrics: dict[str, str] = field(default_factory=dict)
     """Metric presets for runs on this concept: prior_preservation, clip_score, fid (`METRICS` names)."""
+    fid_reference: str = "base"
+    """What FID compares the benign images with (`duobench.metrics.fid_reference`): real images
+    (``coco-val2014``, ``toy-shapes``, a folder, a clean-fid .npz) or ``base``, the base model's images."""
     method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Per-method defaults for this concept's model family (the toy world trains in fewer steps);
     options given on the command line win."""
@@ -119,14 +130,21 @@ def load_concept(name_or_path: str) -> Concept:
 TRAINING_BLIND_FIELDS = (
     "judge",
     "metrics",
+    "fid_reference",
     "prompt_sets",
     "benign_prompts",
     "ring_a_bell_pairs",
+    "ring_a_bell_source",
     "attack_options",
     "method_options",
 )
 """Concept fields no method trains on: how the model is evaluated and attacked, and ``method_options``, whose
 entry for the method is resolved into the method's config (which its key hashes anyway)."""
+
+
+APPLICABILITY_FIELDS = ("model_families",)
+"""Concept fields that say where a concept applies, not what it computes: in no key, so declaring them
+recomputes nothing."""
 
 
 def concept_identity(concept: Concept, without: tuple[str, ...] = ()) -> Any:
@@ -136,7 +154,7 @@ def concept_identity(concept: Concept, without: tuple[str, ...] = ()) -> Any:
     if not concept.path:
         return concept.name
     parsed = _without_descriptions(yaml.safe_load(Path(concept.path).read_text()))
-    return {key: value for key, value in parsed.items() if key not in without}
+    return {key: value for key, value in parsed.items() if key not in without and key not in APPLICABILITY_FIELDS}
 
 
 def training_identity(concept: Concept) -> Any:
@@ -175,6 +193,11 @@ def _check_keys(raw: dict[str, Any], cls: type, what: str) -> None:
         raise ValueError(f"unknown {what} keys {sorted(unknown)}; allowed: {sorted(known)}")
 
 
+def _as_list(value: Any) -> list[Any]:
+    """A YAML value that may be one item or a list of them (``model_families: toy`` or ``[sd]``)."""
+    return [] if value is None else [value] if isinstance(value, str) else list(value)
+
+
 def _concept_from_dict(raw: dict[str, Any], path: Path) -> Concept:
     _check_keys(raw, Concept, "concept")
     base = path.parent
@@ -192,13 +215,16 @@ def _concept_from_dict(raw: dict[str, Any], path: Path) -> Concept:
         synonyms=tuple(raw.get("synonyms", ())),
         guide_prompt=raw.get("guide_prompt", ""),
         preserve_prompts=tuple(raw.get("preserve_prompts", ())),
+        model_families=tuple(str(f) for f in _as_list(raw.get("model_families"))),
         data_judge=raw.get("data_judge") or raw["judge"],
         duo_pairs=tuple(DuoPairSpec(**pair) for pair in raw.get("duo_pairs", ())),
         duo_strength=float(raw.get("duo_strength", 0.75)),
         duo_sub_concept_weights=dict(raw.get("duo_sub_concept_weights", {})),
         ring_a_bell_pairs=tuple((str(a), str(b)) for a, b in raw.get("ring_a_bell_pairs", ())),
+        ring_a_bell_source=dict(raw.get("ring_a_bell_source") or {}),
         generation=dict(raw.get("generation", {})),
         metrics=dict(raw.get("metrics", {})),
+        fid_reference=str(raw.get("fid_reference", "base")),
         method_options={name: dict(options) for name, options in raw.get("method_options", {}).items()},
         attack_options={name: dict(options) for name, options in raw.get("attack_options", {}).items()},
         path=str(path),

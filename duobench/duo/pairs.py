@@ -25,6 +25,13 @@ A pair set is a cached artifact under ``$DUOBENCH_HOME/duo-pairs/<key>/``. It ho
 hashes the whole recipe: prompts, counts, strength, sampler settings, seed, judge card id, base-model
 fingerprint and numerics versions. The folder is written under a staging name and renamed when complete,
 so a folder under its final name is always a finished pair set.
+
+Image format, a difference: we store PNG, the generator's 8-bit output without loss, and SDEdit the
+in-memory image, so the pairs DUO trains on are exactly the images the judge passed. The official script
+saves both images as JPEG (``NN.jpg``, PIL's default quality 75), re-opens the saved unsafe JPEG as the
+SDEdit input, and its training script reads both JPEGs back; its x⁻ and x⁺ therefore carry JPEG compression
+artifacts that the judge never saw. PNG keeps a cached pair set bit-identical to what was generated and
+judged, at the cost of larger files.
 """
 
 from __future__ import annotations

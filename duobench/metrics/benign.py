@@ -11,7 +11,11 @@ from typing import Any
 
 from duobench.items import WorkItem
 from duobench.metrics.base import card_identity, load_images
+from duobench.metrics.fid_reference import FidReference, card_for
 from duobench.stages import StageCache
+
+PER_IMAGE = "per-image audit rows"
+"""In the prior-preservation and CLIP-score stage keys: their cached results carry per-image rows."""
 
 
 def preset_identity(preset: str) -> dict[str, Any]:
@@ -26,12 +30,13 @@ def preset_identity(preset: str) -> dict[str, Any]:
 def benign_metrics(
     stages: StageCache,
     presets: dict[str, str],
-    fid_reference: str,
+    fid_reference: FidReference,
     items: list[WorkItem],
     base_paths: list[Path],
     target_paths: list[Path],
 ) -> dict[str, Any]:
-    """Prior preservation, CLIP score and FID on the benign prompts, each cached by image keys and card.
+    """Prior preservation, CLIP score and FID on the benign prompts, each cached by image keys and card;
+    prior preservation and CLIP score also return their per-image ``rows`` (one per benign pair / image).
 
     ``base_paths`` and ``target_paths`` are the base and the evaluated model's images of the same ``items``,
     in order (so pairs are matched by prompt, seed and sampler).
@@ -43,22 +48,28 @@ def benign_metrics(
     results: dict[str, Any] = {}
 
     def prior() -> dict[str, Any]:
-        return _prior_preservation(presets["prior_preservation"], base_paths, target_paths)
+        return _prior_preservation(presets["prior_preservation"], items, base_paths, target_paths)
 
     results["prior_preservation"] = stages.run(
-        "prior_preservation", {"card": preset_identity(presets["prior_preservation"]), "a": base_keys, "b": keys}, prior
+        "prior_preservation",
+        {"card": preset_identity(presets["prior_preservation"]), "a": base_keys, "b": keys, "rows": PER_IMAGE},
+        prior,
     )
 
     def clip() -> dict[str, Any]:
         metric = METRICS.get(presets["clip_score"])()
         for start in range(0, len(items), 64):
-            batch = items[start : start + 64]
-            metric.update(load_images(target_paths[start : start + 64]), prompts=[item.prompt for item in batch])
-        return metric.compute()
+            metric.update(load_images(target_paths[start : start + 64]), items=items[start : start + 64])
+        return {**metric.compute(), "rows": metric.audit_rows()}
 
     results["clip_score"] = stages.run(
         "clip_score",
-        {"card": preset_identity(presets["clip_score"]), "images": keys, "prompts": [i.prompt for i in items]},
+        {
+            "card": preset_identity(presets["clip_score"]),
+            "images": keys,
+            "prompts": [i.prompt for i in items],
+            "rows": PER_IMAGE,
+        },
         clip,
     )
 
@@ -68,46 +79,52 @@ def benign_metrics(
     payload = {
         "card": preset_identity(presets["fid"]),
         "images": keys,
-        "reference": fid_reference or base_keys,
+        "reference": base_keys if fid_reference.is_base_model else fid_reference.identity,
         "kid": "independent reference only",
     }
     results["fid"] = stages.run("fid", payload, frechet)
     return results
 
 
-def _fid(preset: str, reference: str, base_paths: list[Path], target_paths: list[Path]) -> dict[str, Any]:
-    """FID of the unlearned model's benign images against ``reference`` or, without one, against the base
-    model's images for the same prompts and seeds (drift from the original model).
+def _fid(preset: str, reference: FidReference, base_paths: list[Path], target_paths: list[Path]) -> dict[str, Any]:
+    """FID of the evaluated model's benign images against real images or, for the ``base`` reference,
+    against the base model's images of the same prompts and seeds (drift, under its own card id: see
+    `duobench.metrics.fid_reference`).
 
-    KID comes only with an independent reference that keeps its features (a folder): its unbiased estimator
-    assumes two independent samples, and the base model's images of the same prompts and seeds are paired
-    with the unlearned model's, which drove it to values like -621,161 for identical models.
+    KID comes only with an independent reference that keeps its features (real images): its unbiased
+    estimator assumes two independent samples, and the base model's images of the same prompts and seeds are
+    paired with the evaluated model's, which drove it to values like -621,161 for identical models.
     """
     import numpy as np
 
     from duobench.registry import METRICS
 
-    if reference:
-        metric = METRICS.get(preset)(reference=reference)
-    else:
-        base_metric = METRICS.get(preset)(reference=(np.zeros(1), np.zeros((1, 1))))
+    metric_preset = METRICS.get(preset)
+    card = card_for(metric_preset.card, reference)
+    if reference.is_base_model:
+        base_metric = metric_preset.factory(card=card, reference=(np.zeros(1), np.zeros((1, 1))))
         for start in range(0, len(base_paths), 64):
             base_metric.update(load_images(base_paths[start : start + 64]))
-        metric = METRICS.get(preset)(reference=base_metric.mean_and_covariance())
+        metric = metric_preset.factory(card=card, reference=base_metric.mean_and_covariance())
+    else:
+        metric = metric_preset.factory(card=card, reference=reference.path)
     for start in range(0, len(target_paths), 64):
         metric.update(load_images(target_paths[start : start + 64]))
     result = metric.compute()
-    result["reference"] = reference or "base model, same benign prompts and seeds"
+    result["reference"] = reference.source
     return result
 
 
-def _prior_preservation(preset: str, base_paths: list[Path], target_paths: list[Path]) -> dict[str, Any]:
+def _prior_preservation(
+    preset: str, items: list[WorkItem], base_paths: list[Path], target_paths: list[Path]
+) -> dict[str, Any]:
     from duobench.registry import METRICS
 
     metric = METRICS.get(preset)()
     for start in range(0, len(target_paths), 64):
         metric.update(
             load_images(target_paths[start : start + 64]),
+            items=items[start : start + 64],
             references=load_images(base_paths[start : start + 64]),
         )
-    return metric.compute()
+    return {**metric.compute(), "rows": metric.audit_rows()}

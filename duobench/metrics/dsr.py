@@ -250,9 +250,7 @@ class DefenseSuccessRate(StreamingMetric):
             self._state["rows"].append({**row, "phase": item_phase})
 
     def compute(self) -> dict[str, Any]:
-        report = report_from_counts(
-            self._state["per_prompt"], self.convention, self.confidence
-        )
+        report = report_from_counts(self._state["per_prompt"], self.convention, self.confidence)
         return {"metric": self.card.id, "judge": self.judge.card.id, **report}
 
 

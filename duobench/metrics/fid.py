@@ -282,9 +282,11 @@ def fid(
 
 
 def _inception_card(name: str, description: str, keep_features_up_to: int | None, headline: str) -> MetricCard:
+    # Version 2: the card means FID against real images; against the base model it is `<name>-vs-base`
+    # (`duobench.metrics.fid_reference`), where version 1 had one id for both.
     return MetricCard(
         name=name,
-        version=1,
+        version=2,
         description=description,
         source="clean-fid 0.1.35 mode='clean' (GaParmar/clean-fid): PIL bicubic float resize, TF-Inception",
         params={

@@ -49,13 +49,20 @@ def fetch_weights(
         if not path.is_file():
             _download(url, path, what, env_var)
     if expected_sha256:
-        actual = sha256_file(path)
-        if actual != expected_sha256:
-            raise DuobenchError(
-                f"The {what} file {path} has sha256 {actual}, but this preset is pinned to {expected_sha256} "
-                f"(the file at {url}). Replace it with the original, or use a preset whose card matches it."
-            )
+        check_pinned_sha256(path, expected_sha256, what, f"the file at {url}", "Replace it with the original")
     return path
+
+
+def check_pinned_sha256(path: Path, expected_sha256: str, what: str, origin: str, fix: str) -> str:
+    """``path``'s sha256, or a `DuobenchError` naming the pinned and the found sha256 and ``fix`` when they
+    differ: a preset's card names its weights, so other weights must not run under its id."""
+    actual = sha256_file(path)
+    if actual != expected_sha256:
+        raise DuobenchError(
+            f"The {what} file {path} has sha256 {actual}, but this preset is pinned to {expected_sha256} "
+            f"({origin}). {fix}, or use a preset whose card matches it."
+        )
+    return actual
 
 
 def _download(url: str, path: Path, what: str, env_var: str) -> None:
@@ -92,9 +99,11 @@ def load_open_clip(model_name: str, pretrained: str, env_var: str, local_path: s
         if not path.is_file():
             raise DuobenchError(f"The open_clip {model_name} weights file {path} does not exist.")
     else:
+        from duobench.models import unreachable_errors
+
         try:
             path = Path(open_clip.download_pretrained(pretrained_cfg))
-        except Exception as error:  # HF hub / urllib raise many types offline, all meaning "not reachable"
+        except unreachable_errors() as error:  # HF hub / urllib errors offline: "not reachable"
             source = pretrained_cfg.get("hf_hub") or pretrained_cfg.get("url") or f"{model_name}/{pretrained}"
             raise DuobenchError(
                 f"Cannot load the open_clip {model_name} '{pretrained}' weights ({type(error).__name__}). "

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from duobench.errors import DuobenchError
-from duobench.metrics.base import MetricCard, MetricPreset, StreamingMetric, sha256_file, with_weights
+from duobench.metrics.base import MetricCard, MetricPreset, StreamingMetric, item_columns, sha256_file, with_weights
 from duobench.metrics.fid import InceptionDistances
 from duobench.metrics.prior_preservation import PriorPreservation
 from duobench.toy.judge import (
@@ -85,7 +85,8 @@ class ToyAlignment(StreamingMetric):
             self._state["score_sum"] += score
             self._state["score_square_sum"] += score**2
             self._state["count"] += 1
-            self._state["rows"].append({"metric": self.card.id, "prompt": prompt, "clip_score": score})
+            columns = item_columns(items[index]) if items is not None else {"prompt": prompt}
+            self._state["rows"].append({"metric": self.card.id, **columns, "clip_score": score})
 
     def compute(self) -> dict[str, Any]:
         count = self._state["count"]
@@ -133,7 +134,7 @@ TOY_ALIGNMENT = MetricPreset(
 FID_TOY = MetricPreset(
     MetricCard(
         name="fid-toy",
-        version=1,
+        version=2,
         description="TOY STAND-IN for FID: clean-fid FID/KID with the toy judge's 128-d features as the custom "
         "feature extractor instead of Inception.",
         source="clean-fid custom_feat_extractor path; duobench toy judge",
