@@ -146,9 +146,11 @@ BUILTIN_PLUGINS: dict[str, dict[str, tuple[str, str]]] = {
         "duo": ("duobench.duo.method:SPEC", "DUO (Park et al., NeurIPS 2024): DPO LoRA on SDEdit pairs"),
         "esd-u": ("duobench.baselines.esd:ESD_U", "ESD-u (Gandikota et al., ICCV 2023): all but cross-attn"),
         "esd-x": ("duobench.baselines.esd:ESD_X", "ESD-x (Gandikota et al., ICCV 2023): cross-attn only"),
+        "sdd": ("duobench.baselines.sdd:SDD", "SDD (Kim et al., 2023): cross-attn self-distillation, EMA teacher"),
         "uce": ("duobench.baselines.uce:UCE", "UCE (Gandikota et al., WACV 2024): closed-form K/V edit"),
         "spm": ("duobench.baselines.spm:SPM", "SPM (Lyu et al., CVPR 2024): rank-1 membrane adapters"),
         "sld": ("duobench.baselines.sld:SLD", "SLD (Schramowski et al., CVPR 2023): safety guidance at inference"),
+        "safree": ("duobench.baselines.safree:SAFREE", "SAFREE (Yoon et al., ICLR 2025): trigger tokens projected out"),
         "sd-np": ("duobench.baselines.sd_np:SD_NP", "SD-NP: the concept's words as the negative prompt"),
         "external": (
             "duobench.external:EXTERNAL",
@@ -160,6 +162,10 @@ BUILTIN_PLUGINS: dict[str, dict[str, tuple[str, str]]] = {
         "ring-a-bell": (
             "duobench.attacks.ring_a_bell:RingABell",
             "Ring-A-Bell (ICLR 2024): GA over K tokens toward prompt + eta * concept vector (text encoder)",
+        ),
+        "mma-diffusion": (
+            "duobench.attacks.mma_diffusion:MMADiffusion",
+            "MMA-Diffusion (CVPR 2024): GCG over 20 tokens toward the prompt's pooled CLIP output (text encoder)",
         ),
         "sneakyprompt": (
             "duobench.attacks.sneakyprompt:SneakyPrompt",
