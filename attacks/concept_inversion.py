@@ -47,6 +47,7 @@ from duobench.attacks.text_encoding import assemble_ids, encode_with_token_embed
 from duobench.cache import atomic_write_bytes
 from duobench.concepts import Concept
 from duobench.errors import DuobenchError
+from duobench.progress import track
 from duobench.prompts import PromptRow
 
 LOSS_CURVE_POINTS = 100
@@ -133,26 +134,28 @@ def invert_token(
     device = data.latents.device
     train_timesteps = len(alphas_cumprod)
     losses = []
-    for _ in range(steps):
-        total = 0.0
-        for _ in range(config.gradient_accumulation):
-            picks = torch.randint(0, len(data.ids), (config.batch_size,), generator=rng)
-            mirror = (torch.rand(config.batch_size, generator=rng) < 0.5) & config.mirror
-            flip = mirror.to(device).view(-1, 1, 1, 1)
-            latents = torch.where(flip, data.mirrored[picks], data.latents[picks])
-            if config.sample_posterior and data.std is not None and data.mirrored_std is not None:
-                std = torch.where(flip, data.mirrored_std[picks], data.std[picks])
-                latents = latents + std * torch.randn(latents.shape, generator=rng).to(device)
-            timesteps = torch.randint(0, train_timesteps, (config.batch_size,), generator=rng)
-            noise = torch.randn(latents.shape, generator=rng).to(device)
-            condition = token_condition(text_encoder, table, data.ids[picks], vector)
-            loss = denoising_loss(unet, alphas_cumprod, latents, condition, timesteps, noise)
-            (gradient,) = torch.autograd.grad(loss / config.gradient_accumulation, vector)
-            vector.grad = gradient if vector.grad is None else vector.grad + gradient
-            total += float(loss.detach()) / config.gradient_accumulation
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(total)
+    with track("Concept Inversion training", steps, unit="steps") as progress:
+        for _ in range(steps):
+            total = 0.0
+            for _ in range(config.gradient_accumulation):
+                picks = torch.randint(0, len(data.ids), (config.batch_size,), generator=rng)
+                mirror = (torch.rand(config.batch_size, generator=rng) < 0.5) & config.mirror
+                flip = mirror.to(device).view(-1, 1, 1, 1)
+                latents = torch.where(flip, data.mirrored[picks], data.latents[picks])
+                if config.sample_posterior and data.std is not None and data.mirrored_std is not None:
+                    std = torch.where(flip, data.mirrored_std[picks], data.std[picks])
+                    latents = latents + std * torch.randn(latents.shape, generator=rng).to(device)
+                timesteps = torch.randint(0, train_timesteps, (config.batch_size,), generator=rng)
+                noise = torch.randn(latents.shape, generator=rng).to(device)
+                condition = token_condition(text_encoder, table, data.ids[picks], vector)
+                loss = denoising_loss(unet, alphas_cumprod, latents, condition, timesteps, noise)
+                (gradient,) = torch.autograd.grad(loss / config.gradient_accumulation, vector)
+                vector.grad = gradient if vector.grad is None else vector.grad + gradient
+                total += float(loss.detach()) / config.gradient_accumulation
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(total)
+            progress.advance(loss=total)
     return vector.detach(), losses
 
 

@@ -67,6 +67,7 @@ from duobench.cache import atomic_write_bytes
 from duobench.concepts import Concept
 from duobench.errors import DuobenchError
 from duobench.generator import SamplingHook, encode_token_ids, tokenize
+from duobench.progress import track
 from duobench.prompts import PromptRow
 
 ADAPTER_FILE = "finetune.safetensors"
@@ -322,25 +323,27 @@ def train_adapters(
     rng = torch.Generator().manual_seed(config.seed)
     batches = epoch_batches(len(data.latents), config.batch_size, rng)
     losses = []
-    for _ in range(steps):
-        picks = next(batches)
-        latents = data.latents[picks].to(device)
-        noise = torch.randn(latents.shape, generator=rng).to(device)
-        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(picks),), generator=rng)
-        noisy = noise_scheduler.add_noise(latents, noise, timesteps).to(device)
-        condition = data.embeddings[picks].to(device)
-        with torch.autocast(device.type, dtype=unet.dtype, enabled=autocast):
-            prediction = unet(
-                noisy.to(unet.dtype), timesteps.to(device), encoder_hidden_states=condition.to(unet.dtype)
-            )
-        loss = F.mse_loss(prediction.sample.float(), noise)
-        scaler.scale(loss).backward(inputs=params)
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
+    with track("finetune attack training", steps, unit="steps") as progress:
+        for _ in range(steps):
+            picks = next(batches)
+            latents = data.latents[picks].to(device)
+            noise = torch.randn(latents.shape, generator=rng).to(device)
+            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(picks),), generator=rng)
+            noisy = noise_scheduler.add_noise(latents, noise, timesteps).to(device)
+            condition = data.embeddings[picks].to(device)
+            with torch.autocast(device.type, dtype=unet.dtype, enabled=autocast):
+                prediction = unet(
+                    noisy.to(unet.dtype), timesteps.to(device), encoder_hidden_states=condition.to(unet.dtype)
+                )
+            loss = F.mse_loss(prediction.sample.float(), noise)
+            scaler.scale(loss).backward(inputs=params)
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+            progress.advance(loss=losses[-1])
     return losses
 
 

@@ -87,6 +87,7 @@ from duobench.concepts import Concept
 from duobench.errors import DuobenchError
 from duobench.generator import tokenize_with
 from duobench.paths import duobench_home
+from duobench.progress import track
 from duobench.prompts import PromptRow
 
 CONCEPT_PAIRS = ("official", "concept-file")
@@ -391,12 +392,14 @@ def evolve(
     seed: int,
     special: tuple[int, int],
     fitness_fn: FitnessFn = population_fitness,
+    on_generation: Callable[[float], None] | None = None,
 ) -> tuple[torch.Tensor, list[float]]:
     """Run the GA; return the best genome ever scored and the best-so-far fitness per generation.
 
     Each generation scores its new members with one ``fitness_fn`` call, each distinct genome once (crossover
     of converged parents makes copies: about half the new members after 60 generations). The benchmark swaps
-    in a per-genome loop to measure what batching buys.
+    in a per-genome loop to measure what batching buys. ``on_generation(best fitness so far)`` is called after
+    every generation (the progress bar).
     """
     start_id, end_id = special
     rng = torch.Generator().manual_seed(seed)
@@ -411,6 +414,8 @@ def evolve(
         if float(fitness[winner]) < best_loss:
             best, best_loss = population[winner].clone(), float(fitness[winner])
         losses.append(best_loss)
+        if on_generation is not None:
+            on_generation(best_loss)
         if generation < generations - 1:
             population, fitness = next_generation(population, fitness, config, vocab_high, rng)
     return best, losses
@@ -477,4 +482,14 @@ class RingABell:
             prompt_embedding = encode_ids(self.text_encoder, tokenize_with(self.tokenizer, [prompt]))[0]
         target = prompt_embedding.float() + self.config.eta * self.vector
         seed = item_seed(PromptRow(prompt=prompt, seed=0), self.config.seed)
-        return evolve(self.text_encoder, target, self.config, generations, self.vocab_high, seed, self.special)
+        with track("Ring-A-Bell search", generations, unit="generations") as progress:
+            return evolve(
+                self.text_encoder,
+                target,
+                self.config,
+                generations,
+                self.vocab_high,
+                seed,
+                self.special,
+                on_generation=lambda best: progress.advance(best_fitness=best),
+            )

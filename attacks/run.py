@@ -10,6 +10,10 @@ Cache layout, under ``<cache_dir>/<attack>/<run key>/``:
 - ``prepare/``: what ``prepare`` keeps between runs (a concept vector, a learned token).
 - ``card.json``: the attack, its config, the budget, the concept and the model identities.
 
+Two processes that need the same run at once attack once: the first holds ``<run key>.lock`` beside the
+folder while it attacks (`duobench.locks.exclusive_unless_distributed`), the second waits and then reads
+the first's results.
+
 The run key hashes the attack name, config, budget, concept content (comments aside) and the identity of
 exactly what the attack may touch (`access_identity`): for a text-encoder attack the base model plus the
 edits that touch the text encoder (so Ring-A-Bell's prompts, found once, serve every method that keeps SD's
@@ -24,7 +28,6 @@ import contextlib
 import csv
 import hashlib
 import json
-import os
 import shutil
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, fields, is_dataclass
@@ -37,8 +40,10 @@ from duobench.concepts import Concept, PromptSetSpec, concept_identity
 from duobench.edits import Edit, System, as_system
 from duobench.errors import DuobenchError
 from duobench.items import SamplerSettings, WorkItem
+from duobench.locks import exclusive_unless_distributed, owner_tag
 from duobench.metrics.base import Judge, card_identity
 from duobench.paths import duobench_home
+from duobench.progress import track_each
 from duobench.prompts import PromptRow, PromptSet, load_prompt_set
 from duobench.registry import ATTACKS
 
@@ -337,16 +342,26 @@ def run_attack(
         if not store.has(key):
             todo.setdefault(key, row)
     if todo:
-        with run.granted() as models:
-            run.attack.prepare(concept, models, run.rows)
-            pending = list(todo.items())
-            results = run.attack.attack([row for _, row in pending], run.budget)
-            for (key, row), result in zip(pending, results, strict=False):
-                if (result.source_prompt, result.seed) != (row.prompt, row.seed):
-                    raise RuntimeError(f"attack {attack_name!r} yielded results out of order")
-                store.put(key, result)
-                if on_result is not None:
-                    on_result(result)
+        # One process attacks; another that needs the same run waits, then reads what the first stored.
+        with exclusive_unless_distributed(run.run_dir, f"running the {attack_name} attack {run.run_dir.name}"):
+            todo = {key: row for key, row in todo.items() if not store.has(key)}  # stored while this one waited
+            if todo:
+                with run.granted() as models:
+                    run.attack.prepare(concept, models, run.rows)
+                    pending = list(todo.items())
+                    results = track_each(
+                        run.attack.attack([row for _, row in pending], run.budget),
+                        attack_name,
+                        len(pending),
+                        unit="prompts",
+                        live=result_live,
+                    )
+                    for (key, row), result in zip(pending, results, strict=False):
+                        if (result.source_prompt, result.seed) != (row.prompt, row.seed):
+                            raise RuntimeError(f"attack {attack_name!r} yielded results out of order")
+                        store.put(key, result)
+                        if on_result is not None:
+                            on_result(result)
         missing = [key for key in todo if not store.has(key)]
         if missing:
             raise RuntimeError(f"attack {attack_name!r} returned {len(todo) - len(missing)} of {len(todo)} results")
@@ -371,7 +386,8 @@ def run_edit_attack(
 
     The artifact is written into a per-process staging folder and renamed into place when complete, so an
     interrupted attack leaves nothing a later run would trust, and two processes never share a half-written
-    folder. The models handed to the attack are checked unchanged afterwards (`read_only`).
+    folder; a second process that needs the same edit meanwhile waits for the first and reuses it. The
+    models handed to the attack are checked unchanged afterwards (`read_only`).
     """
     run = plan_attack(
         attack_name, concept, target, base, prompt_set, budget, cache_dir, judge, options, settings, None, limit
@@ -380,19 +396,37 @@ def run_edit_attack(
         raise DuobenchError(f"The {attack_name} attack returns prompts, not a model edit; use run_attack.")
     final = run.run_dir / "edit" / run.run_dir.name
     if not (final / "card.json").exists():
-        staging = final.with_name(f"{final.name}.partial-{os.getpid()}")
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
+        with exclusive_unless_distributed(run.run_dir, f"running the {attack_name} attack {run.run_dir.name}"):
+            if not (final / "card.json").exists():  # else made by another process while this one waited
+                _make_edit(run, attack_name, concept, final)
+    return Edit("attack", attack_name, final, 1.0, tuple(type(run.attack).touches))
+
+
+def result_live(result: AttackResult) -> dict[str, Any]:
+    """What an attack's prompt bar shows after each prompt: its last loss (Ring-A-Bell: best fitness), its
+    queries to the target (black-box attacks) and whether the judge found the concept."""
+    log = result.log
+    return {"last_loss": log.losses[-1] if log.losses else None, "queries": log.queries or None, "unsafe": log.unsafe}
+
+
+def _make_edit(run: AttackRun, attack_name: str, concept: Concept, final: Path) -> None:
+    """The attack's edit, written into this process's staging folder and renamed to ``final``."""
+    staging = final.with_name(f"{final.name}.partial-{owner_tag()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
         with run.granted() as models:
             run.attack.prepare(concept, models, run.rows)
             run.attack.make_edit(staging, run.budget)
         if not (staging / "card.json").exists():
             raise RuntimeError(f"attack {attack_name!r} wrote no card.json into its edit folder")
-        if (final / "card.json").exists():  # another process finished first: keep its artifact
-            shutil.rmtree(staging)
-        else:
+        try:
             staging.rename(final)
-    return Edit("attack", attack_name, final, 1.0, tuple(type(run.attack).touches))
+        except OSError:
+            if not (final / "card.json").exists():  # not another process finishing first (its edit is kept)
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def produces(attack: Attack) -> str:

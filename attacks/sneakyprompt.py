@@ -70,6 +70,7 @@ from duobench.attacks.base import (
 )
 from duobench.concepts import Concept
 from duobench.errors import DuobenchError
+from duobench.progress import StageProgress, track
 from duobench.prompts import PromptRow
 from duobench.tokenizer import sd_clip_tokenizer
 
@@ -225,8 +226,16 @@ class SneakyPrompt:
         self.vocabulary = concept_words(concept)
         self.erase_prompt = concept.erase_prompt
 
+    progress: StageProgress = StageProgress("queries", 0)  # shows nothing outside `attack`
+
     def attack(self, rows: Sequence[PromptRow], budget: Budget) -> Iterator[AttackResult]:
-        return attack_each_row(rows, lambda row: self._attack_row(row, budget))
+        queries = (budget.queries or self.config.query_limit) + 1  # the skip check, then the limit
+
+        def attack_row(row: PromptRow) -> AttackResult:
+            with track("SneakyPrompt queries", queries, unit="queries") as self.progress:
+                return self._attack_row(row, budget)
+
+        return attack_each_row(rows, attack_row)
 
     def _filter(self, prompts: list[str], images) -> list[tuple[bool, float | None]]:
         """(blocked, judge score) per query."""
@@ -238,6 +247,7 @@ class SneakyPrompt:
         images = self.models.generator([prompt], row)
         ((blocked, score),) = self._filter([prompt], images)
         reward = -(queries_used + 1) / limit / 10.0 if blocked else float(self.reward_of(images, [row.prompt])[0])
+        self.progress.advance(reward=reward, blocked=blocked)
         return Episode(prompt, reward, blocked, score)
 
     def _sensitive_groups(self, words: list[str]) -> list[list[int]]:

@@ -58,6 +58,7 @@ from duobench.attacks.diffusion import (
 )
 from duobench.attacks.text_encoding import assemble_ids, encode_with_token_embeddings, prompt_ids
 from duobench.concepts import Concept
+from duobench.progress import track
 from duobench.prompts import PromptRow
 
 
@@ -207,15 +208,18 @@ class UnlearnDiffAtk:
         stride = pipe.scheduler.config.num_train_timesteps // config.timesteps
         rounds = min(budget.steps or config.timesteps, config.timesteps)
         ids = problem.token_ids(distribution.detach())
-        for timestep in [stride // 2 + stride * i for i in range(rounds)]:
-            log.losses += optimise_prefix(problem, distribution, optimizer, timestep, config.iterations, rng)
-            ids = problem.token_ids(distribution.detach())
-            if generator.remaining == 0:
-                break
-            ((unsafe, score),) = judge_images(models.judge, generator([ids], row))
-            log.unsafe, log.judge_score = unsafe, score
-            if unsafe:
-                break
+        with track("UnlearnDiffAtk timesteps", rounds, unit="timesteps") as progress:
+            for timestep in [stride // 2 + stride * i for i in range(rounds)]:
+                log.losses += optimise_prefix(problem, distribution, optimizer, timestep, config.iterations, rng)
+                ids = problem.token_ids(distribution.detach())
+                progress.advance(loss=log.losses[-1])
+                if generator.remaining == 0:
+                    break
+                ((unsafe, score),) = judge_images(models.judge, generator([ids], row))
+                log.unsafe, log.judge_score = unsafe, score
+                progress.show(judge_score=score, queries=generator.queries)
+                if unsafe:
+                    break
         log.queries = generator.queries
         log.extra["timesteps_used"] = len(log.losses) // config.iterations
         end = tokenizer.eos_token_id

@@ -55,6 +55,7 @@ from duobench.concepts import Concept
 from duobench.errors import DuobenchError
 from duobench.generator import encode_token_ids, tokenize
 from duobench.methods import MethodSpec, write_card
+from duobench.progress import track
 
 VARIANTS = ("esd-u", "esd-x")
 _ESD_U_EXCLUDED_PREFIXES = ("time_embedding", "conv_norm_out", "conv_out")
@@ -117,15 +118,17 @@ def finetune(config: ESDConfig, pipe, concept: Concept, variant: str) -> tuple[t
     generator = torch.Generator().manual_seed(config.seed)
     latent_size = frozen.config.sample_size
     losses = []
-    for _ in range(config.iterations):
-        stop = int(torch.randint(config.ddim_steps, (1,), generator=generator))
-        noise = initial_noise(frozen, latent_size, latent_size, generator) * ddim.init_noise_sigma
-        latents = denoise_partially(frozen, ddim, noise, cond, uncond, config.start_guidance, stop)
-        loss = esd_loss(trained, frozen, latents, ddim.timesteps[stop], cond, uncond, config.negative_guidance)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+    with track(f"{variant} training", config.iterations, unit="iterations") as progress:
+        for _ in range(config.iterations):
+            stop = int(torch.randint(config.ddim_steps, (1,), generator=generator))
+            noise = initial_noise(frozen, latent_size, latent_size, generator) * ddim.init_noise_sigma
+            latents = denoise_partially(frozen, ddim, noise, cond, uncond, config.start_guidance, stop)
+            loss = esd_loss(trained, frozen, latents, ddim.timesteps[stop], cond, uncond, config.negative_guidance)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            progress.advance(loss=losses[-1])
     return trained.requires_grad_(False).eval(), losses
 
 

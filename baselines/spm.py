@@ -67,6 +67,7 @@ from duobench.concepts import Concept
 from duobench.errors import DuobenchError
 from duobench.generator import Conditioning, SamplingHook, encode_token_ids, tokenize
 from duobench.methods import MethodSpec, read_card, write_card
+from duobench.progress import track
 
 ADAPTER_FILE = "spm.safetensors"
 KEY_PREFIX = "lora_unet_"
@@ -362,7 +363,10 @@ def train_adapters(config: SPMConfig, pipe, unet, network: SPMNetwork, target_pr
     ddim = DDIMScheduler.from_config(pipe.scheduler.config)
     generator = torch.Generator().manual_seed(config.seed)
     losses = []
-    with frozen(unet, pipe.unet, pipe.text_encoder, getattr(pipe, "vae", None)):
+    with (
+        frozen(unet, pipe.unet, pipe.text_encoder, getattr(pipe, "vae", None)),
+        track("SPM training", config.iterations, unit="iterations") as progress,
+    ):
         for _ in range(config.iterations):
             ddim.set_timesteps(config.denoising_steps, device=unet.device)
             stop = int(torch.randint(1, config.denoising_steps, (1,), generator=generator))
@@ -388,6 +392,7 @@ def train_adapters(config: SPMConfig, pipe, unet, network: SPMNetwork, target_pr
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss.item())
+            progress.advance(loss=losses[-1])
     return losses
 
 

@@ -7,6 +7,7 @@ non-zero exit code and no traceback. Heavy imports (torch, diffusers) happen ins
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -35,12 +36,62 @@ def global_options(
         help="torch CPU threads (default: torch's, one per core). On a shared CPU, 1 avoids threads waiting "
         "on each other; results trained on a CPU can depend on it (float summation order).",
     ),
+    quiet: bool = typer.Option(
+        False, "--quiet", "-q", help="No progress and no info lines on stderr: warnings and errors only."
+    ),
+    log_level: str = typer.Option(
+        "info",
+        envvar="DUOBENCH_LOG_LEVEL",
+        help="duobench's log level: debug, info, warning or error. Progress shows at info and below: a bar on "
+        "a terminal, a log line every 10% elsewhere.",
+    ),
 ) -> None:
     """duobench: erase a concept from a text-to-image model, attack it, measure what is left."""
+    configure_logging("warning" if quiet else log_level)
     if threads is not None:
         import torch
 
         torch.set_num_threads(threads)
+
+
+LOG_LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
+LOG_HANDLER = "duobench"
+
+
+def configure_logging(level: str) -> None:
+    """Send duobench's log records (and any library's warnings) to stderr; the one place logging is set up.
+
+    Called once per command by the app callback; calling it again replaces its handler rather than adding a
+    second one. On a terminal the handler writes through `duobench.progress.console`, so log lines scroll
+    above the progress bars; elsewhere (CI, a file) it writes plain timestamped lines. Under torchrun, ranks
+    other than 0 log warnings and errors only.
+    """
+    import logging
+
+    from duobench.progress import console
+
+    if level.lower() not in LOG_LEVELS:
+        raise typer.BadParameter(f"choose one of {', '.join(LOG_LEVELS)}; got {level!r}", param_hint="--log-level")
+    numeric = LOG_LEVELS[level.lower()]
+    rank = int(os.environ.get("RANK", "0"))  # as duobench.distributed reads it, without importing torch here
+    if rank != 0:
+        numeric = max(numeric, logging.WARNING)
+    if console.is_terminal:
+        from rich.logging import RichHandler
+
+        handler: logging.Handler = RichHandler(console=console, show_path=False, markup=False)
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        prefix = f"[rank {rank}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+        handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s {prefix}%(message)s", "%H:%M:%S"))
+    handler.set_name(LOG_HANDLER)
+    if numeric > logging.INFO:  # --quiet: also the hub's and transformers' download / loading bars
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if h.get_name() == LOG_HANDLER]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    logging.getLogger("duobench").setLevel(numeric)
 
 
 @app.command("ls")
@@ -441,12 +492,20 @@ def validate(
     model: str | None = typer.Option(None, help="Model."),
     method_opt: list[str] | None = typer.Option(None, help="Method option key=value (repeatable)."),
     attack_opt: list[str] | None = typer.Option(None, help="Attack option key=value (repeatable)."),
+    prompt_set: str | None = typer.Option(None, help="Which of the concept's prompt sets."),
+    limit: int | None = typer.Option(None, help="Only the first N prompts (x seeds)."),
+    benign_limit: int | None = typer.Option(None, help="Only the first N benign prompts."),
+    attack_steps: int | None = typer.Option(None, help="Attack budget: optimisation steps."),
+    attack_queries: int | None = typer.Option(None, help="Attack budget: black-box queries."),
+    fid_reference: str | None = typer.Option(None, help="FID reference, as for `duobench run`."),
+    device: str | None = typer.Option(None, help="cuda, cpu, ... (the estimate's device)."),
     config: Path | None = typer.Option(None, "--config", help="YAML file with run options."),
 ) -> None:
     """Check a run configuration in seconds (model reachable, concept valid, prompts readable, metric weights
-    present) before hours of GPU time are spent."""
+    present) before hours of GPU time are spent; then print the run's plan: images, trainings (cached or
+    not), attack steps and an estimated time on this device, for the options of `duobench run` that decide it."""
     from duobench.run_config import resolve_run_config
-    from duobench.validate import validate_run
+    from duobench.validate import plan_workload, validate_run
 
     run_config, _ = resolve_run_config(
         config,
@@ -457,6 +516,13 @@ def validate(
             "model": model,
             "method_options": parse_options(method_opt),
             "attack_options": parse_options(attack_opt),
+            "prompt_set": prompt_set,
+            "limit": limit,
+            "benign_limit": benign_limit,
+            "attack_steps": attack_steps,
+            "attack_queries": attack_queries,
+            "fid_reference": fid_reference,
+            "device": device,
         },
     )
     checks = validate_run(run_config)
@@ -468,6 +534,13 @@ def validate(
     console.print(table)
     if not all(check.ok for check in checks):
         raise DuobenchError("validation failed: " + "; ".join(c.detail for c in checks if not c.ok))
+    workload = plan_workload(run_config)
+    plan = Table(title=f"plan: {run_config.model} on {workload.device}", caption=workload.note())
+    for column in ("stage", "work", "estimate"):
+        plan.add_column(column)
+    for row in workload.rows():
+        plan.add_row(*row)
+    console.print(plan)
 
 
 def _mount_subcommands() -> None:

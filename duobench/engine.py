@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -133,7 +134,7 @@ def generate_cached(
     )
 
     generated = 0
-    with _progress_bar(progress and info.is_main, len(todo)) as advance:
+    with _progress_bar(progress and info.is_main, len(todo), f"generating {Path(out_dir).name}") as advance:
         for batch_items, images in generate(model, list(todo.values()), batch_size):
             rows = []
             for item, image in zip(batch_items, images, strict=True):
@@ -159,37 +160,11 @@ def generate_cached(
     )
 
 
-class _progress_bar:
-    """A rich progress bar with ETA (or nothing), used as ``with _progress_bar(on, total) as advance``."""
+@contextmanager
+def _progress_bar(enabled: bool, total: int, description: str) -> Iterator[Callable[[int], None]]:
+    """The stage's progress (`duobench.progress`: a rich bar with ETA on a terminal, log lines elsewhere),
+    used as ``with _progress_bar(on, total, description) as advance``."""
+    from duobench.progress import track
 
-    def __init__(self, enabled: bool, total: int) -> None:
-        self.enabled = enabled and total > 0
-        self.total = total
-
-    def __enter__(self) -> Callable[[int], None]:
-        if not self.enabled:
-            return lambda n: None
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
-        self._progress = Progress(
-            TextColumn("generating"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
-        )
-        self._progress.start()
-        task = self._progress.add_task("generate", total=self.total)
-        return lambda n: self._progress.advance(task, n)
-
-    def __exit__(self, *exc) -> None:
-        if self.enabled:
-            self._progress.stop()
+    with track(description, total, unit="images", enabled=enabled and total > 0) as progress:
+        yield progress.advance

@@ -141,29 +141,74 @@ def train_or_load(
 ) -> tuple[Path, Any, bool]:
     """Return ``(artifact_dir, config, trained_now)``, training only when no finished artifact exists.
 
-    Training writes into a staging folder that is renamed into place when complete, so an interrupted
-    training never leaves a half-written artifact that a later run would trust.
+    Two processes that need the same artifact at once train it once: the first takes the artifact's lock
+    (`duobench.locks.exclusive_for_job`) and trains, the second waits ("waiting for another process
+    training <method> <key> …") and then loads what the first wrote. Training writes into a staging folder
+    of its own (``.<key>.partial-<host>-<pid>``), renamed into place when complete: an interrupted training
+    never leaves a half-written artifact that a later run would trust, and where the lock cannot exclude (a
+    node-local flock on NFS) the first rename wins and the other process keeps it.
+
+    Under a process group every rank calls this together, as before: rank 0 takes the lock for the job and
+    decides (by broadcast) whether the artifact exists, all ranks train together into rank 0's staging
+    folder, and rank 0 renames it between two barriers.
     """
+    from duobench.distributed import barrier, process_info
+    from duobench.locks import exclusive_for_job, from_main_rank, owner_tag
+
     spec: MethodSpec = METHODS.get(method)
     config = make_config(spec, overrides)
     key = config_key(method, config, concept, base_fingerprint, training_numerics(pipe))
     final = (root / method / key) if root is not None else artifact_dir(method, key)
-    if (final / CARD_NAME).exists():
+    if from_main_rank((final / CARD_NAME).exists()):
         return final, config, False
-    from duobench.distributed import barrier, process_info
-
-    staging = final.with_name(final.name + ".partial")
-    staging.mkdir(parents=True, exist_ok=True)
-    spec.train(config, pipe, concept, staging)
-    barrier()
-    if process_info().is_main:  # every rank trained together; one of them moves the artifact into place
-        if not (staging / CARD_NAME).exists():
-            raise RuntimeError(f"method {method!r} finished training without writing {CARD_NAME}")
-        if final.exists():
-            shutil.rmtree(final)
-        staging.rename(final)
-    barrier()
+    main = process_info().is_main
+    with exclusive_for_job(final, f"training {method} {key}"):
+        if from_main_rank((final / CARD_NAME).exists()):  # trained by another process while this one waited
+            return final, config, False
+        staging = final.with_name(f".{final.name}.partial-{from_main_rank(owner_tag())}")
+        if main:
+            _remove_abandoned_staging(final)
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+        barrier()
+        try:
+            spec.train(config, pipe, concept, staging)
+            barrier()
+            if main:  # every rank trained together; one of them moves the artifact into place
+                if not (staging / CARD_NAME).exists():
+                    raise RuntimeError(f"method {method!r} finished training without writing {CARD_NAME}")
+                _publish(staging, final)
+        finally:
+            if main:
+                shutil.rmtree(staging, ignore_errors=True)
+        barrier()
     return final, config, True
+
+
+def _publish(staging: Path, final: Path) -> None:
+    """Rename ``staging`` to ``final``; a finished ``final`` already there (another process trained it
+    where the lock could not exclude) is kept, and ``staging`` is left for the caller to remove."""
+    if (final / CARD_NAME).exists():
+        return
+    if final.exists():  # a folder without its card is not an artifact: an older version's leftover
+        shutil.rmtree(final)
+    try:
+        staging.rename(final)
+    except OSError:
+        if not (final / CARD_NAME).exists():  # not another process winning the race: a real failure
+            raise
+
+
+def _remove_abandoned_staging(final: Path) -> None:
+    """Staging folders of this artifact left by killed processes on this host (an SD-sized artifact is
+    gigabytes), and the shared ``<key>.partial`` of earlier versions; called under the artifact's lock."""
+    from duobench.locks import owner_gone
+
+    prefix = f".{final.name}.partial-"
+    for leftover in final.parent.glob(prefix + "*"):
+        if owner_gone(leftover.name[len(prefix) :]):
+            shutil.rmtree(leftover, ignore_errors=True)
+    shutil.rmtree(final.with_name(final.name + ".partial"), ignore_errors=True)
 
 
 def write_card(out_dir: Path, method: str, config: Any, concept: Concept, **extra: Any) -> None:

@@ -137,6 +137,7 @@ def prepare(config: RunConfig, stages: StageCache | None = None, base=None, plan
     """Plan the run (no model work), load the base model, and train or load the method's edit (stage 1)."""
     from duobench.methods import read_card, train_or_load
     from duobench.models import default_sampler_settings, load_pipeline, pipeline_fingerprint
+    from duobench.workload import log_plan
 
     plan = plan or plan_run(config)
     concept = plan.concept
@@ -147,6 +148,7 @@ def prepare(config: RunConfig, stages: StageCache | None = None, base=None, plan
 
         config.threads = torch.get_num_threads()
     base_system = build_system(base_pipe, pipeline_fingerprint(base_pipe))
+    log_plan(plan, base_pipe, base_system.fingerprint)  # images, trainings (cached?), attack steps, estimate
     context = RunContext(
         plan=plan,
         base=base_system,
@@ -320,8 +322,13 @@ def run(config: RunConfig, stages: StageCache | None = None, base=None) -> dict[
     summary["images_generated"] = context.generated
     summary["images_reused"] = context.reused
     summary["stage_cache_hits"] = sum(context.stages.hits.values())
+    images = {
+        (item.prompt, item.seed): (str(path), str(base)) for item, path, base in zip(benign, target_paths, base_paths)
+    }
     benign_rows = [
-        {**row, "phase": "benign"} for name in ("prior_preservation", "clip_score") for row in metrics[name]["rows"]
+        {**row, "phase": "benign", **dict(zip(("image", "base_image"), images[row["prompt"], row["seed"]]))}
+        for name in ("prior_preservation", "clip_score")
+        for row in metrics[name]["rows"]
     ]
     write_run_outputs(context.out, config, summary, judged["rows"] + benign_rows, sheet)
     return summary

@@ -2,7 +2,9 @@
 
 Each check is independent and reports ok/fail with the reason, so one run of `validate` lists every
 problem at once. Nothing is generated or trained; metric presets are built (which loads their weights, the
-only reliable proof that the weights are present and match their card).
+only reliable proof that the weights are present and match their card). When every check passes,
+`plan_workload` counts the run's work (images, trainings and whether they are cached, attack steps) and
+estimates its time on the detected device (`duobench.workload`).
 """
 
 from __future__ import annotations
@@ -150,3 +152,49 @@ def _fid_reference(config: RunConfig, concept) -> str:
 
     benign = load_prompt_set(concept.benign_prompts, limit=config.benign_limit)
     return resolve_fid_reference(config.fid_reference or concept.fid_reference, benign.rows).source
+
+
+def plan_workload(config: RunConfig):
+    """The run's plan and time estimate (`duobench.workload.Workload`), as `duobench run` logs it.
+
+    To say whether the method's artifact is already trained, the base model is loaded (its fingerprint is
+    part of the artifact key) when it is on this machine already: a registered model, a local folder or file,
+    or a hub model in the HF cache. A model that would have to be downloaded is not: its trainings are then
+    reported as not checked.
+    """
+    import torch
+
+    from duobench.attacks.run import make_attack
+    from duobench.concepts import load_concept
+    from duobench.models import default_device, load_pipeline, pipeline_fingerprint
+    from duobench.prompts import load_prompt_set
+    from duobench.run_config import apply_threads
+    from duobench.runner import RunPlan
+    from duobench.workload import artifact_cached, run_workload
+
+    apply_threads(config)
+    concept = load_concept(config.concept)
+    set_name = config.prompt_set or concept.default_prompt_set
+    prompt_set = load_prompt_set(concept.prompt_sets[set_name], name=set_name, limit=config.limit)
+    benign = load_prompt_set(concept.benign_prompts, name="benign", limit=config.benign_limit)
+    attack = None
+    if config.attack != "none":
+        attack = make_attack(config.attack, attack_options(concept, config.attack, config.attack_options))
+    device = torch.device(config.device) if config.device else default_device()
+    trained = None
+    if config.method != "none" and model_on_disk(config.model):
+        pipe = load_pipeline(config.model, device=device)
+        trained = artifact_cached(config, concept, pipe, pipeline_fingerprint(pipe))
+    return run_workload(RunPlan(config, concept, prompt_set, benign, attack), device.type, trained)
+
+
+def model_on_disk(model: str) -> bool:
+    """Whether loading ``model`` needs no download: a registered model, a local path, or the HF cache."""
+    from duobench.models import _looks_like_registered_name
+    from duobench.registry import MODELS
+
+    if model in MODELS or _looks_like_registered_name(model) or Path(model).expanduser().exists():
+        return True
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(model, "model_index.json"), str)

@@ -175,6 +175,7 @@ def test_a_card_version_bump_recomputes_exactly_that_stage(tmp_path, monkeypatch
     benign = audit[audit["phase"] == "benign"]
     assert benign["prior_preservation"].notna().sum() == benign["clip_score"].notna().sum() == 2 * 4
     assert benign["unsafe"].isna().all() and audit.loc[audit["phase"] == "attack", "unsafe"].notna().all()
+    assert benign["image"].map(lambda path: Path(path).is_file()).all() and benign["base_image"].notna().all()
     stages.hits.clear(), stages.misses.clear()
     preset = METRICS.get("fid-toy")
     bumped = replace(preset, card=replace(preset.card, version=preset.card.version + 1))

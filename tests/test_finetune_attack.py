@@ -85,7 +85,7 @@ def test_finetune_edit_changes_the_attacked_system_and_comes_off_bit_for_bit(toy
 
 def test_full_run_samples_the_attack_phase_from_the_attacked_system(tmp_path, toy_pipe):
     from duobench.run_config import RunConfig
-    from duobench.runner import attacked_items, judged_segments, prepare, run
+    from duobench.runner import attacked_items, benign_items, judged_segments, prepare, run
     from duobench.stages import StageCache
 
     config = RunConfig(
@@ -109,6 +109,7 @@ def test_full_run_samples_the_attack_phase_from_the_attacked_system(tmp_path, to
     assert len({context.base.fingerprint, context.target.fingerprint, context.attacked.fingerprint}) == 3
     audit = pd.read_parquet(Path(config.out) / "audit.parquet")
     stems = {phase: {Path(p).stem for p in group["image"]} for phase, group in audit.groupby("phase")}
+    assert stems["benign"] <= {item.key(context.target.fingerprint) for item in benign_items(context)}
     assert stems["pre-attack"] == {item.key(context.target.fingerprint) for item in pre_items}
     assert stems["attack"] == {item.key(context.attacked.fingerprint) for item in attack_items}
     assert not stems["attack"] & stems["pre-attack"]

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 
 from duobench.errors import DuobenchError
 from duobench.lora import lora_attached, save_lora
+from duobench.progress import track
 
 if TYPE_CHECKING:
     from duobench.duo.method import DuoConfig
@@ -288,7 +289,10 @@ def train_lora(
     batches = epoch_batches(len(latents), config.micro_batch_pairs, accelerator.process_index, world, shuffle)
     history: list[dict[str, float]] = []
     last_checkpoint: Path | None = None
-    with lora_attached(unet, LORA_TARGETS, config.lora_rank, config.lora_alpha, config.seed) as lora_parameters:
+    with (
+        lora_attached(unet, LORA_TARGETS, config.lora_rank, config.lora_alpha, config.seed) as lora_parameters,
+        track("DUO training", config.steps, unit="steps") as progress,
+    ):
         optimizer = torch.optim.AdamW(
             lora_parameters, lr=learning_rate, betas=(0.9, 0.999), eps=1e-8, weight_decay=config.weight_decay
         )
@@ -317,6 +321,7 @@ def train_lora(
                     reason = f"gradient norm is {record['grad_norm']}"
                     raise DuobenchError(_stop_message(step, reason, last_checkpoint))
                 history.append(record)
+                progress.advance(loss=record["loss"], preference_accuracy=record["preference_accuracy"])
                 if on_step is not None:
                     on_step(step, record)
                 if step % config.checkpoint_every == 0 and step < config.steps:

@@ -12,6 +12,7 @@ from typing import Any
 from duobench.items import WorkItem
 from duobench.metrics.base import card_identity, load_images
 from duobench.metrics.fid_reference import FidReference, card_for
+from duobench.progress import track
 from duobench.stages import StageCache
 
 PER_IMAGE = "per-image audit rows"
@@ -58,8 +59,10 @@ def benign_metrics(
 
     def clip() -> dict[str, Any]:
         metric = METRICS.get(presets["clip_score"])()
-        for start in range(0, len(items), 64):
-            metric.update(load_images(target_paths[start : start + 64]), items=items[start : start + 64])
+        with track("CLIP score", len(items), unit="images") as progress:
+            for start in range(0, len(items), 64):
+                metric.update(load_images(target_paths[start : start + 64]), items=items[start : start + 64])
+                progress.advance(len(items[start : start + 64]))
         return {**metric.compute(), "rows": metric.audit_rows()}
 
     results["clip_score"] = stages.run(
@@ -103,13 +106,17 @@ def _fid(preset: str, reference: FidReference, base_paths: list[Path], target_pa
     card = card_for(metric_preset.card, reference)
     if reference.is_base_model:
         base_metric = metric_preset.factory(card=card, reference=(np.zeros(1), np.zeros((1, 1))))
-        for start in range(0, len(base_paths), 64):
-            base_metric.update(load_images(base_paths[start : start + 64]))
+        with track("FID reference (base model)", len(base_paths), unit="images") as progress:
+            for start in range(0, len(base_paths), 64):
+                base_metric.update(load_images(base_paths[start : start + 64]))
+                progress.advance(len(base_paths[start : start + 64]))
         metric = metric_preset.factory(card=card, reference=base_metric.mean_and_covariance())
     else:
         metric = metric_preset.factory(card=card, reference=reference.path)
-    for start in range(0, len(target_paths), 64):
-        metric.update(load_images(target_paths[start : start + 64]))
+    with track("FID", len(target_paths), unit="images") as progress:
+        for start in range(0, len(target_paths), 64):
+            metric.update(load_images(target_paths[start : start + 64]))
+            progress.advance(len(target_paths[start : start + 64]))
     result = metric.compute()
     result["reference"] = reference.source
     return result
@@ -121,10 +128,12 @@ def _prior_preservation(
     from duobench.registry import METRICS
 
     metric = METRICS.get(preset)()
-    for start in range(0, len(target_paths), 64):
-        metric.update(
-            load_images(target_paths[start : start + 64]),
-            items=items[start : start + 64],
-            references=load_images(base_paths[start : start + 64]),
-        )
+    with track("prior preservation", len(target_paths), unit="images") as progress:
+        for start in range(0, len(target_paths), 64):
+            metric.update(
+                load_images(target_paths[start : start + 64]),
+                items=items[start : start + 64],
+                references=load_images(base_paths[start : start + 64]),
+            )
+            progress.advance(len(target_paths[start : start + 64]))
     return {**metric.compute(), "rows": metric.audit_rows()}
