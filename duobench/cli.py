@@ -467,7 +467,7 @@ def attack(
             attack_options=parse_options(attack_opt),
         )
     )
-    context = prepare(config)
+    context = prepare(config, show_plan=False)  # the run's plan would list images this command never makes
     arguments = (attack, context.concept, context.target, context.base, context.plan.prompt_set)
     budget = Budget(steps=steps, queries=queries)
     common = dict(

@@ -133,8 +133,16 @@ def load_system(config: RunConfig, base: System, edits: list[Edit]) -> System:
     return build_system(load_pipeline(config.model, device=config.device), base.base_fingerprint, edits)
 
 
-def prepare(config: RunConfig, stages: StageCache | None = None, base=None, plan: RunPlan | None = None) -> RunContext:
-    """Plan the run (no model work), load the base model, and train or load the method's edit (stage 1)."""
+def prepare(
+    config: RunConfig,
+    stages: StageCache | None = None,
+    base=None,
+    plan: RunPlan | None = None,
+    show_plan: bool = True,
+) -> RunContext:
+    """Plan the run (no model work), load the base model, and train or load the method's edit (stage 1).
+    ``show_plan`` logs the whole run's work and time estimate (`duobench attack`, which runs only the attack,
+    turns it off)."""
     from duobench.methods import read_card, train_or_load
     from duobench.models import default_sampler_settings, load_pipeline, pipeline_fingerprint
     from duobench.workload import log_plan
@@ -148,7 +156,8 @@ def prepare(config: RunConfig, stages: StageCache | None = None, base=None, plan
 
         config.threads = torch.get_num_threads()
     base_system = build_system(base_pipe, pipeline_fingerprint(base_pipe))
-    log_plan(plan, base_pipe, base_system.fingerprint)  # images, trainings (cached?), attack steps, estimate
+    if show_plan:
+        log_plan(plan, base_pipe, base_system.fingerprint)  # images, trainings (cached?), attack steps, estimate
     context = RunContext(
         plan=plan,
         base=base_system,
@@ -322,11 +331,12 @@ def run(config: RunConfig, stages: StageCache | None = None, base=None) -> dict[
     summary["images_generated"] = context.generated
     summary["images_reused"] = context.reused
     summary["stage_cache_hits"] = sum(context.stages.hits.values())
-    images = {
-        (item.prompt, item.seed): (str(path), str(base)) for item, path, base in zip(benign, target_paths, base_paths)
+    paths = {
+        (item.prompt, item.seed): {"image": str(path), "base_image": str(base)}
+        for item, path, base in zip(benign, target_paths, base_paths, strict=True)
     }
     benign_rows = [
-        {**row, "phase": "benign", **dict(zip(("image", "base_image"), images[row["prompt"], row["seed"]]))}
+        {**row, "phase": "benign", **paths[row["prompt"], row["seed"]]}
         for name in ("prior_preservation", "clip_score")
         for row in metrics[name]["rows"]
     ]
