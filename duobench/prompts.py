@@ -79,7 +79,8 @@ def load_prompt_set(
     name = name or Path(spec.source).stem
     notes: Counter = Counter()
     if spec.source == "inline":
-        records = [{"prompt": prompt} for prompt in spec.prompts]
+        # An inline list's seed is its position by definition, not a missing column worth a note.
+        records = [{"prompt": prompt, "seed": position} for position, prompt in enumerate(spec.prompts)]
     elif spec.source.startswith("hf:"):
         records = _read_hf_dataset(spec.source[3:], spec.split)
     else:
