@@ -390,7 +390,12 @@ def leaderboard(
     method_list = [m.strip() for m in methods.split(",") if m.strip()]
     attack_list = [a.strip() for a in attacks.split(",") if a.strip()]
     seeds = _int_list(training_seeds, "--training-seeds") if training_seeds else None
-    rows, summaries = run_grid(run_config, method_list, attack_list, stages, training_seeds=seeds)
+    from dataclasses import replace
+
+    from duobench.leaderboard import shared_base
+
+    base = shared_base(replace(run_config, method=method_list[0], attack=attack_list[0]))  # one load for all cells
+    rows, summaries = run_grid(run_config, method_list, attack_list, stages, base, training_seeds=seeds)
     from duobench.concepts import load_concept
 
     csv_path = write_leaderboard(
@@ -402,7 +407,7 @@ def leaderboard(
         from duobench.leaderboard import write_grid_curves
 
         knob, values = parse_sweep(sweep)
-        write_grid_curves(run_config, method_list, attack_list, seeds, knob, values, stages, csv_path)
+        write_grid_curves(run_config, method_list, attack_list, seeds, knob, values, stages, csv_path, base)
     console.print(
         f"leaderboard: {csv_path} and {csv_path.with_suffix('.md')} "
         f"({sum(stages.hits.values())} cached stage results reused)"

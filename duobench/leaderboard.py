@@ -69,24 +69,49 @@ def run_grid(
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Every (method, training seed, attack) run, reusing every cached stage; returns (leaderboard rows,
     summaries). With ``training_seeds`` each stochastic method is trained once per seed, so the spread of
-    its numbers across trainings can be reported beside the within-run interval over prompts."""
+    its numbers across trainings can be reported beside the within-run interval over prompts.
+
+    Every cell shares one loaded base model (``base``, else loaded once after the first cell's plan has
+    checked the configuration): edits are applied to it and removed again, never kept."""
     stages = stages or StageCache()
+    cells = [
+        (
+            seed,
+            replace(
+                base_config,
+                method=method,
+                attack=attack,
+                method_options=options,
+                out=cell_out(base_config, method, attack, seed),
+            ),
+        )
+        for method in methods
+        for seed, options in seeded_method_options(method, base_config.method_options, training_seeds)
+        for attack in attacks
+    ]
+    base = base if base is not None or not cells else shared_base(cells[0][1])
     rows, summaries = [], []
-    for method in methods:
-        for seed, options in seeded_method_options(method, base_config.method_options, training_seeds):
-            for attack in attacks:
-                suffix = "" if seed is None else f"__seed{seed}"
-                config = replace(
-                    base_config,
-                    method=method,
-                    attack=attack,
-                    method_options=options,
-                    out=str(Path(base_config.out) / f"{method}__{attack}{suffix}"),
-                )
-                summary = run(config, stages, base)
-                summaries.append(summary)
-                rows.append(leaderboard_row(summary, config, seed))
+    for seed, config in cells:
+        summary = run(config, stages, base)
+        summaries.append(summary)
+        rows.append(leaderboard_row(summary, config, seed))
     return rows, summaries
+
+
+def cell_out(config: RunConfig, method: str, attack: str, seed: int | None) -> str:
+    """A grid cell's run folder: ``<out>/<method>__<attack>[__seed<N>]``."""
+    suffix = "" if seed is None else f"__seed{seed}"
+    return str(Path(config.out) / f"{method}__{attack}{suffix}")
+
+
+def shared_base(config: RunConfig):
+    """The base model for many runs of one model, loaded once, after ``config``'s plan passed (bad input
+    fails before the model loads)."""
+    from duobench.models import load_pipeline
+    from duobench.runner import plan_run
+
+    plan_run(config)
+    return load_pipeline(config.model, device=config.device)
 
 
 def write_grid_curves(
@@ -98,6 +123,7 @@ def write_grid_curves(
     values: list[float],
     stages: StageCache,
     csv_path: Path,
+    base=None,
 ) -> Path:
     """A sweep of ``knob`` for every (method, attack) of the grid, drawn beside the leaderboard
     (``<stem>-curve.csv`` and ``.png``). It follows each method's first training seed: no extra training."""
@@ -114,7 +140,7 @@ def write_grid_curves(
                 method_options=options,
                 out=str(Path(config.out) / f"curve-{method}__{attack}"),
             )
-            points += sweep(cell, knob, values, stages)
+            points += sweep(cell, knob, values, stages, base)
     curve = csv_path.with_name(csv_path.stem + "-curve.csv")
     write_curve(points, curve, curve.with_suffix(".png"), title=f"{config.concept} on {config.model}")
     return curve
@@ -282,6 +308,7 @@ def check_leaderboard(
     if missing:
         raise DuobenchError(f"{csv_path} lacks the columns {', '.join(missing)}; it is not a duobench leaderboard.")
     stages = stages or StageCache(Path(tempfile.mkdtemp(prefix="duobench-check-stages-")))
+    bases: dict[str, Any] = {}  # one loaded base model per model the rows name
     verdicts = []
     for _, series in frame.iterrows():
         row = series.to_dict()
@@ -293,12 +320,12 @@ def check_leaderboard(
             "matches": None,
         }
         if recompute and not verdict["problems"]:
-            verdict.update(_recompute(row, tolerance, stages))
+            verdict.update(_recompute(row, tolerance, stages, bases))
         verdicts.append(verdict)
     return verdicts
 
 
-def _recompute(row: dict[str, Any], tolerance: float, stages: StageCache) -> dict[str, Any]:
+def _recompute(row: dict[str, Any], tolerance: float, stages: StageCache, bases: dict[str, Any]) -> dict[str, Any]:
     """Re-run a row if its method artifact is present (never trains: a check must not cost GPU hours)."""
     known = {f.name for f in fields(RunConfig)}
     config = RunConfig(**{k: v for k, v in json.loads(row["run_config"]).items() if k in known})
@@ -307,7 +334,9 @@ def _recompute(row: dict[str, Any], tolerance: float, stages: StageCache) -> dic
     import tempfile
 
     config = replace(config, out=tempfile.mkdtemp(prefix="duobench-check-"))
-    summary = run(config, stages)
+    if config.model not in bases:
+        bases[config.model] = shared_base(config)
+    summary = run(config, stages, bases[config.model])
     fresh = flat_row(summary)
     differences = {}
     for column in COMPARED:

@@ -48,7 +48,8 @@ def load_pipeline(model: str, device: torch.device | str | None = None, dtype: t
 
 
 def prepare_pipeline(pipe, device: torch.device, dtype: torch.dtype):
-    """Move to ``device``, drop the safety checker, silence the per-call progress bar, use SDPA."""
+    """Move to ``device``, drop the safety checker, silence the per-call progress bar; on a GPU use SDPA and
+    allow TF32."""
     pipe.safety_checker = None
     pipe.requires_safety_checker = False
     if hasattr(pipe, "feature_extractor") and pipe.safety_checker is None:
@@ -59,6 +60,11 @@ def prepare_pipeline(pipe, device: torch.device, dtype: torch.dtype):
     pipe.to(device=device)
     if device.type == "cuda":
         from diffusers.models.attention_processor import AttnProcessor2_0
+
+        # TF32 tensor cores for the fp32 work on a GPU (LoRA and adapter masters, metrics); recorded in each
+        # summary's environment, since it moves float results.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
 
         pipe.unet.set_attn_processor(AttnProcessor2_0())
     return pipe

@@ -108,6 +108,7 @@ def environment(device: Any = None) -> dict[str, str]:
         "python": platform.python_version(),
         **versions,
         "cuda": (torch.version.cuda or "") if device.type == "cuda" else "",
+        "tf32": str(torch.backends.cuda.matmul.allow_tf32) if device.type == "cuda" else "",
         "device": str(device),
         "device_name": device_name,
     }
