@@ -175,7 +175,10 @@ def prepare(
         base_system.fingerprint,
         method_options(concept, config.method, config.method_options),
     )
-    context.target = load_system(config, base_system, [method_edit(config.method, artifact, config.strength)])
+    # At strength 0 every method is the base model (each method's tests check it), so the run uses the base
+    # system itself: the base model's images and attack results are reused instead of made again.
+    if config.strength != 0:
+        context.target = load_system(config, base_system, [method_edit(config.method, artifact, config.strength)])
     context.artifact = artifact
     context.method_config = read_card(artifact).get("config", asdict(method_config))
     return context

@@ -104,6 +104,7 @@ def test_grid_leaderboard_curve_and_cache(tmp_path, toy_base):
     write_curve(points, tmp_path / "curve.csv", tmp_path / "curve.png")
     curve = pd.read_csv(tmp_path / "curve.csv")
     assert list(curve["value"]) == [0.0, 1.0]
+    assert points[0]["images_generated"] == 0  # strength 0 is the base model: its grid images are reused
     for _, point in curve.iterrows():  # a curve point carries a leaderboard row's provenance
         assert provenance_problems(point.to_dict()) == []
         assert json.loads(point["run_config"])["strength"] == point["value"]
