@@ -147,6 +147,7 @@ BUILTIN_PLUGINS: dict[str, dict[str, tuple[str, str]]] = {
         "esd-u": ("duobench.baselines.esd:ESD_U", "ESD-u (Gandikota et al., ICCV 2023): all but cross-attn"),
         "esd-x": ("duobench.baselines.esd:ESD_X", "ESD-x (Gandikota et al., ICCV 2023): cross-attn only"),
         "sdd": ("duobench.baselines.sdd:SDD", "SDD (Kim et al., 2023): cross-attn self-distillation, EMA teacher"),
+        "safegen": ("duobench.baselines.safegen:SAFEGEN", "SafeGen (Li et al., CCS 2024): self-attn, unsafe -> mosaic"),
         "uce": ("duobench.baselines.uce:UCE", "UCE (Gandikota et al., WACV 2024): closed-form K/V edit"),
         "spm": ("duobench.baselines.spm:SPM", "SPM (Lyu et al., CVPR 2024): rank-1 membrane adapters"),
         "sld": ("duobench.baselines.sld:SLD", "SLD (Schramowski et al., CVPR 2023): safety guidance at inference"),
