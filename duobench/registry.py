@@ -180,6 +180,7 @@ BUILTIN_PLUGINS: dict[str, dict[str, tuple[str, str]]] = {
             "duobench.attacks.unlearndiffatk:UnlearnDiffAtk",
             "UnlearnDiffAtk (ECCV 2024): prefix tokens through the unlearned UNet (white-box)",
         ),
+        "p4d": ("duobench.attacks.p4d:P4D", "P4D-N/K (ICML 2024): PEZ hard prompts matching the original (white-box)"),
         "finetune": (
             "duobench.attacks.finetune:Finetune",
             "benign fine-tuning (arXiv 2412.00357): LoRA or full fine-tune on benign data, returns a model edit",
