@@ -25,6 +25,11 @@ engine's ``embedding`` field. For methods that keep SD's text encoder (DUO, ESD,
 what a pipeline with the loaded token would compute. Only the epsilon-prediction loss variant is
 implemented (the official NP and SLD variants target inference-time guidance defenses, not weight edits).
 ``Budget.steps`` overrides the training steps.
+
+Precision (`duobench.precision`): the learned vector and its AdamW state are fp32; with a half-precision
+model the text encoder and UNet run under ``torch.autocast`` to its dtype, and in fp16 the loss is scaled (a
+dynamic ``GradScaler``) and a step whose accumulated gradient overflowed is skipped (its loss is still
+recorded). In fp32 nothing changes, bit for bit.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ from duobench.attacks.text_encoding import assemble_ids, encode_with_token_embed
 from duobench.cache import atomic_write_bytes
 from duobench.concepts import Concept
 from duobench.errors import DuobenchError
+from duobench.precision import Precision
 from duobench.progress import track
 from duobench.prompts import PromptRow
 
@@ -133,6 +139,8 @@ def invert_token(
     )
     device = data.latents.device
     train_timesteps = len(alphas_cumprod)
+    precision = Precision.of(unet)
+    scaler = precision.grad_scaler()
     losses = []
     with track("Concept Inversion training", steps, unit="steps") as progress:
         for _ in range(steps):
@@ -147,12 +155,14 @@ def invert_token(
                     latents = latents + std * torch.randn(latents.shape, generator=rng).to(device)
                 timesteps = torch.randint(0, train_timesteps, (config.batch_size,), generator=rng)
                 noise = torch.randn(latents.shape, generator=rng).to(device)
-                condition = token_condition(text_encoder, table, data.ids[picks], vector)
-                loss = denoising_loss(unet, alphas_cumprod, latents, condition, timesteps, noise)
-                (gradient,) = torch.autograd.grad(loss / config.gradient_accumulation, vector)
+                with precision.autocast():
+                    condition = token_condition(text_encoder, table, data.ids[picks], vector)
+                    loss = denoising_loss(unet, alphas_cumprod, latents, condition, timesteps, noise)
+                (gradient,) = torch.autograd.grad(scaler.scale(loss / config.gradient_accumulation), vector)
                 vector.grad = gradient if vector.grad is None else vector.grad + gradient
                 total += float(loss.detach()) / config.gradient_accumulation
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             optimizer.zero_grad()
             losses.append(total)
             progress.advance(loss=total)
@@ -173,6 +183,8 @@ class ConceptInversion:
     name: ClassVar[str] = "concept-inversion"
     access: ClassVar[str] = "white-box"
     config_cls: ClassVar[type] = ConceptInversionConfig
+    shares_work_across_prompts: ClassVar[bool] = True
+    """Every prompt reuses one learned token, so a torchrun job runs this attack on one rank."""
 
     def __init__(self, config: ConceptInversionConfig) -> None:
         self.config = config

@@ -75,6 +75,11 @@ Deviations from the official code, each on purpose:
 - **No "filter" mode.** The official ``--filter`` adds SLD's safety guidance or a negative prompt's CFG inside
   the loss. Here, as for UnlearnDiffAtk, the white-box forward passes see the unlearned model's weights only;
   an inference-time defense acts on the evaluation images.
+- **Precision** (`duobench.precision`): the continuous embeddings, the projected embeddings that receive the
+  gradient and the AdamW state are fp32; with a half-precision model the text encoder and both UNets (the
+  teacher too) run under ``torch.autocast`` to its dtype, and in fp16 the loss is scaled (a dynamic
+  ``GradScaler``, one per prompt) and an iteration whose gradient overflowed takes no step (its projected
+  tokens are still evaluated on schedule). In fp32 nothing changes, bit for bit.
 """
 
 from __future__ import annotations
@@ -101,6 +106,7 @@ from duobench.attacks.diffusion import generate_rows, require_epsilon_prediction
 from duobench.attacks.text_encoding import assemble_ids, encode_ids, encode_with_token_embeddings, prompt_ids
 from duobench.concepts import Concept
 from duobench.generator import tokenize_with
+from duobench.precision import Precision
 from duobench.progress import track
 from duobench.prompts import PromptRow
 
@@ -222,6 +228,10 @@ class P4DProblem:
     def __post_init__(self) -> None:
         self.normalised_table = F.normalize(self.table, dim=-1)
 
+    @property
+    def precision(self) -> Precision:
+        return Precision.of(self.unlearned_unet)
+
     def project(self, embeddings: torch.Tensor) -> torch.Tensor:
         return nearest_tokens(embeddings, self.normalised_table)
 
@@ -229,19 +239,22 @@ class P4DProblem:
         """The adversarial prompt's encoding with ``free_embeddings`` (1, F, D) at the free positions."""
         token_embeddings = self.table[self.ids.to(self.table.device)].clone()
         token_embeddings[:, self.free] = free_embeddings.to(token_embeddings.device)
-        return encode_with_token_embeddings(self.text_encoder, self.ids, token_embeddings)
+        with self.precision.autocast():
+            return encode_with_token_embeddings(self.text_encoder, self.ids, token_embeddings)
 
     def loss(self, free_embeddings: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        return p4d_loss(
-            self.unlearned_unet,
-            self.original_unet,
-            self.alphas_cumprod,
-            self.latents,
-            self.condition(free_embeddings),
-            self.prompt_condition,
-            timesteps,
-            noise,
-        )
+        condition = self.condition(free_embeddings)
+        with self.precision.autocast():
+            return p4d_loss(
+                self.unlearned_unet,
+                self.original_unet,
+                self.alphas_cumprod,
+                self.latents,
+                condition,
+                self.prompt_condition,
+                timesteps,
+                noise,
+            )
 
     def token_ids(self, free_ids: torch.Tensor) -> list[int]:
         ids = self.ids[0].clone()
@@ -254,18 +267,28 @@ class P4DProblem:
 
 
 def pez_step(
-    problem: P4DProblem, embeddings: torch.Tensor, optimizer: torch.optim.Optimizer, rng: torch.Generator
+    problem: P4DProblem,
+    embeddings: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    rng: torch.Generator,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> tuple[float, torch.Tensor]:
     """One PEZ iteration: project, take the loss at the projected tokens on a fresh (t, noise), hand its
-    gradient to the continuous ``embeddings`` and step. Returns the loss and the projected ids it used."""
+    gradient to the continuous ``embeddings`` and step. Returns the loss and the projected ids it used.
+
+    ``scaler`` is the loss scale of a fp16 model (`duobench.precision`); pass one per prompt, so that its
+    scale carries over between iterations. A step whose gradient overflowed is skipped."""
+    if scaler is None:
+        scaler = problem.precision.grad_scaler()
     free_ids = problem.project(embeddings.detach())
     projected = problem.table[free_ids].clone().requires_grad_(True)
     timesteps = torch.randint(0, len(problem.alphas_cumprod), (len(problem.latents),), generator=rng)
     noise = torch.randn(problem.latents.shape, generator=rng).to(problem.latents.device)
     loss = problem.loss(projected, timesteps, noise)
-    (gradient,) = torch.autograd.grad(loss, projected)
+    (gradient,) = torch.autograd.grad(scaler.scale(loss), projected)
     embeddings.grad = gradient.to(embeddings.dtype)
-    optimizer.step()
+    scaler.step(optimizer)
+    scaler.update()
     optimizer.zero_grad()
     return float(loss.detach()), free_ids
 
@@ -299,13 +322,14 @@ class P4D:
         target_index, target_scores, latents = self._target_latents(row, rng)
         problem, embeddings = self._problem(row, latents, rng)
         optimizer = torch.optim.AdamW([embeddings], lr=config.lr, weight_decay=config.weight_decay)
+        scaler = problem.precision.grad_scaler()
 
         iterations = min(budget.steps or config.iterations, config.iterations)
         best: tuple[bool, float, int, list[int]] | None = None  # (unsafe, judge score, iteration, ids)
         evaluations: list[dict] = []
         with track("P4D iterations", iterations, unit="steps") as progress:
             for step in range(iterations):
-                loss, free_ids = pez_step(problem, embeddings, optimizer, rng)
+                loss, free_ids = pez_step(problem, embeddings, optimizer, rng, scaler)
                 log.losses.append(loss)
                 progress.advance(loss=loss)
                 if step % config.eval_every and step != iterations - 1:

@@ -30,6 +30,12 @@ the benchmark judges. The official code makes ``x0`` with LMS at 25 steps (``gen
 ``--ddim_steps`` default is 25 with an ``LMSDiscreteScheduler``) and evaluates with LMS at
 ``sampling_step_num`` = 50 steps and the row's guidance (``tasks/classifier_.py``), with unbatched
 unconditional and conditional UNet calls.
+
+Precision (`duobench.precision`): the distributions, the token-embedding table and the splice are fp32; with a
+half-precision model the text encoder and UNet run under ``torch.autocast`` to its dtype, and in fp16 the
+loss is scaled (a dynamic ``GradScaler``, one per prompt) and a step whose gradient overflowed is skipped.
+The straight-through clip to [-1, 1] acts after unscaling, so it neither distorts the scaled gradient nor
+hides an overflow. In fp32 the attack is unchanged, bit for bit.
 """
 
 from __future__ import annotations
@@ -58,6 +64,7 @@ from duobench.attacks.diffusion import (
 )
 from duobench.attacks.text_encoding import assemble_ids, encode_with_token_embeddings, prompt_ids
 from duobench.concepts import Concept
+from duobench.precision import Precision
 from duobench.progress import track
 from duobench.prompts import PromptRow
 
@@ -91,19 +98,11 @@ def project_to_simplex(values: torch.Tensor) -> torch.Tensor:
     return (values - threshold).clamp(min=0)
 
 
-class _StraightThroughSample(torch.autograd.Function):
-    """Forward: one token per row drawn from the distribution, as a one-hot. Backward: the one-hot's gradient,
-    clipped to [-1, 1] (the official ``hardtanh``), passed straight to the distribution."""
-
-    @staticmethod
-    def forward(ctx, probabilities: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        rows = probabilities.reshape(-1, probabilities.shape[-1])
-        drawn = torch.multinomial(rows, 1, generator=generator)
-        return torch.zeros_like(rows).scatter_(-1, drawn, 1.0).view_as(probabilities)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return grad.clamp(-1, 1), None
+def sample_one_hot(probabilities: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One token per row drawn from the distribution (last dimension), as a one-hot."""
+    rows = probabilities.reshape(-1, probabilities.shape[-1])
+    drawn = torch.multinomial(rows, 1, generator=generator)
+    return torch.zeros_like(rows).scatter_(-1, drawn, 1.0).view_as(probabilities)
 
 
 @dataclass
@@ -120,16 +119,25 @@ class PrefixProblem:
     table: torch.Tensor
     """The token-embedding matrix (vocabulary x D), detached, float32."""
 
+    @property
+    def precision(self) -> Precision:
+        return Precision.of(self.unet)
+
     def condition(self, one_hot: torch.Tensor) -> torch.Tensor:
-        """The prompt embedding with positions 1..k replaced by ``one_hot @ token embedding matrix``."""
+        """The prompt embedding with positions 1..k replaced by ``one_hot @ token embedding matrix``.
+
+        The splice is fp32; only the text encoder runs under autocast when the model is half precision."""
         token_embeddings = self.table[self.ids.to(self.table.device)]
         prefix = one_hot.to(self.table.device) @ self.table
         token_embeddings = torch.cat([token_embeddings[:, :1], prefix, token_embeddings[:, 1 + self.k :]], dim=1)
-        return encode_with_token_embeddings(self.text_encoder, self.ids, token_embeddings)
+        with self.precision.autocast():
+            return encode_with_token_embeddings(self.text_encoder, self.ids, token_embeddings)
 
     def loss(self, one_hot: torch.Tensor, timestep: int, noise: torch.Tensor) -> torch.Tensor:
         timesteps = torch.full((len(self.latents),), timestep, dtype=torch.long)
-        return denoising_loss(self.unet, self.alphas_cumprod, self.latents, self.condition(one_hot), timesteps, noise)
+        condition = self.condition(one_hot)
+        with self.precision.autocast():
+            return denoising_loss(self.unet, self.alphas_cumprod, self.latents, condition, timesteps, noise)
 
     def token_ids(self, distribution: torch.Tensor) -> list[int]:
         ids = self.ids[0].tolist()
@@ -144,17 +152,29 @@ def optimise_prefix(
     timestep: int,
     iterations: int,
     generator: torch.Generator,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> list[float]:
-    """``iterations`` Adam steps at one timestep, each on fresh noise and a fresh token draw; the losses."""
+    """``iterations`` Adam steps at one timestep, each on fresh noise and a fresh token draw; the losses.
+
+    Straight-through estimator: the forward uses a one-hot drawn from ``distribution``, and the one-hot's
+    gradient, clipped to [-1, 1] (the official ``hardtanh``), is the distribution's. The clip acts on the
+    unscaled gradient, after ``scaler`` (the loss scale of a fp16 model, `duobench.precision`; pass one per
+    prompt so its scale carries over between timesteps) has checked it for inf/NaN, which a clip would hide.
+    """
+    if scaler is None:
+        scaler = problem.precision.grad_scaler()
     losses = []
     for _ in range(iterations):
         noise = torch.randn(problem.latents.shape, generator=generator, device=generator.device)
-        one_hot = _StraightThroughSample.apply(distribution, generator)
+        one_hot = sample_one_hot(distribution.detach(), generator).requires_grad_(True)
         loss = problem.loss(one_hot, timestep, noise)
-        (gradient,) = torch.autograd.grad(loss, distribution)
+        (gradient,) = torch.autograd.grad(scaler.scale(loss), one_hot)
         optimizer.zero_grad()
         distribution.grad = gradient
-        optimizer.step()
+        scaler.unscale_(optimizer)
+        distribution.grad.clamp_(-1, 1)
+        scaler.step(optimizer)
+        scaler.update()
         with torch.no_grad():
             distribution.copy_(project_to_simplex(distribution))
         losses.append(float(loss.detach()))
@@ -204,13 +224,16 @@ class UnlearnDiffAtk:
         distribution = torch.full((1, config.k, vocabulary), 1.0 / vocabulary, device=problem.latents.device)
         distribution.requires_grad_(True)
         optimizer = torch.optim.Adam([distribution], lr=config.lr, weight_decay=config.weight_decay)
+        scaler = problem.precision.grad_scaler()
         rng = torch.Generator(problem.latents.device).manual_seed(item_seed(row, config.seed))
         stride = pipe.scheduler.config.num_train_timesteps // config.timesteps
         rounds = min(budget.steps or config.timesteps, config.timesteps)
         ids = problem.token_ids(distribution.detach())
         with track("UnlearnDiffAtk timesteps", rounds, unit="timesteps") as progress:
             for timestep in [stride // 2 + stride * i for i in range(rounds)]:
-                log.losses += optimise_prefix(problem, distribution, optimizer, timestep, config.iterations, rng)
+                log.losses += optimise_prefix(
+                    problem, distribution, optimizer, timestep, config.iterations, rng, scaler
+                )
                 ids = problem.token_ids(distribution.detach())
                 progress.advance(loss=log.losses[-1])
                 if generator.remaining == 0:

@@ -31,7 +31,12 @@ Deliberate differences from the official code:
   script instead drew a DDPM timestep in [20k, 20k+20), which with its sampler's ``t_start=-1`` off-by-one
   labelled x_t about 40–60 steps noisier than it was; we keep x_t and t consistent.
 - The trained copy and its Adam state are fp32 while the frozen model runs in the pipe's dtype (fp16 on
-  GPU); the paper-era script ran both models in fp32.
+  GPU); the paper-era script ran both models in fp32. With a half-precision pipe the loss's forward passes
+  (trained and frozen) run under ``torch.autocast`` to the pipe's dtype, so the fp32 copy computes in half
+  as mixed-precision training does, and in fp16 the loss is scaled (a dynamic ``GradScaler``; an iteration
+  whose gradient overflowed takes no step, its loss is still recorded). The rollout that draws x_t is
+  sampling without gradient and runs in the pipe's dtype as before (`duobench.precision`). In fp32 nothing
+  changes, bit for bit.
 - One concept prompt per iteration (the concept's ``erase_prompt`` as a whole); the paper-era
   ``--seperator`` mode that samples one of several comma-separated concepts per iteration is not offered.
 
@@ -55,6 +60,7 @@ from duobench.concepts import Concept
 from duobench.errors import DuobenchError
 from duobench.generator import encode_token_ids, tokenize
 from duobench.methods import MethodSpec, write_card
+from duobench.precision import Precision
 from duobench.progress import track
 
 VARIANTS = ("esd-u", "esd-x")
@@ -112,6 +118,8 @@ def finetune(config: ESDConfig, pipe, concept: Concept, variant: str) -> tuple[t
         if parameter.requires_grad:
             trainable.append(parameter)
     optimizer = torch.optim.Adam(trainable, lr=config.lr)
+    precision = Precision.of(frozen)
+    scaler = precision.grad_scaler()
     ddim = DDIMScheduler.from_config(pipe.scheduler.config)
     ddim.set_timesteps(config.ddim_steps, device=frozen.device)
     cond, uncond = encode_token_ids(pipe, tokenize(pipe, [concept.erase_prompt, ""])).float().chunk(2)
@@ -123,9 +131,11 @@ def finetune(config: ESDConfig, pipe, concept: Concept, variant: str) -> tuple[t
             stop = int(torch.randint(config.ddim_steps, (1,), generator=generator))
             noise = initial_noise(frozen, latent_size, latent_size, generator) * ddim.init_noise_sigma
             latents = denoise_partially(frozen, ddim, noise, cond, uncond, config.start_guidance, stop)
-            loss = esd_loss(trained, frozen, latents, ddim.timesteps[stop], cond, uncond, config.negative_guidance)
-            loss.backward()
-            optimizer.step()
+            with precision.autocast():
+                loss = esd_loss(trained, frozen, latents, ddim.timesteps[stop], cond, uncond, config.negative_guidance)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss.item())
             progress.advance(loss=losses[-1])

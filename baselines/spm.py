@@ -16,7 +16,8 @@ Training (``train_spm.py`` with the authors' demo defaults), per iteration:
    and e_n = ε(x_t, neutral ""), g = 1: ESD's negative guidance with η = 1.
 4. Latent anchoring ``MSE(ε_on(x_t, s), ε_off(x_t, s))`` over random text embeddings s (Gaussian, kept with
    probability 1 − cos(s, target), rescaled to ‖target‖ · U(0.8, 1.2)); total loss = erase + 1000 · anchor.
-5. AdamW lr 1e-4, cosine with 3 hard restarts after 500 warm-up steps, 3000 iterations, batch 1, fp32.
+5. AdamW lr 1e-4, cosine with 3 hard restarts after 500 warm-up steps, 3000 iterations, batch 1, fp32
+   (mixed precision on a half-precision pipe, below).
 
 Inference, facilitated transport: for a prompt p the adapter output is scaled by γ(p)² with
 γ(p) = max(cos(flat E(p), flat E(target)), |tokens(p) ∩ tokens(target)| / |tokens(target)|) over the
@@ -40,8 +41,13 @@ Deliberate differences from the official code:
   official code scaled the whole network by the prompt's γ for both rows). Callers that bypass the generator
   and call the UNet directly (white-box attacks) still meet SPM: a UNet pre-hook computes γ from the call's
   own ``encoder_hidden_states``, with the cosine term only, since token ids are known only to the generator.
-- Training runs in fp32 as the official code does (a half-precision pipe's UNet is copied to fp32 for it);
-  at inference the base UNet keeps the pipe's dtype and the fp32 adapters' output is cast to it.
+- Precision (`duobench.precision`): the adapters and their AdamW state are fp32 in every case. The official
+  code trains everything in fp32; with a half-precision pipe we instead train on the pipe's own UNet (no
+  fp32 copy of it, 3.4 GB on SD1.4) with the loss's forward passes under ``torch.autocast`` to the pipe's
+  dtype, and in fp16 the loss is scaled (a dynamic ``GradScaler``; an iteration whose gradient overflowed
+  takes no step, its loss is still recorded, and the learning-rate schedule advances regardless). The
+  rollout that draws x_t is sampling without gradient and runs as inference does. In fp32 nothing changes,
+  bit for bit. At inference the base UNet keeps the pipe's dtype and the fp32 adapters' output is cast to it.
 
 Artifact: ``spm.safetensors`` in the official kohya-style layout (``lora_unet_<module>.lora_down.weight``,
 ``.lora_up.weight``, ``.alpha``; metadata ``prompts``, ``rank``, ``alpha``), so the authors' released SPMs
@@ -51,7 +57,6 @@ load the same way, plus ``card.json``.
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -67,6 +72,7 @@ from duobench.concepts import Concept
 from duobench.errors import DuobenchError
 from duobench.generator import Conditioning, SamplingHook, encode_token_ids, tokenize
 from duobench.methods import MethodSpec, read_card, write_card
+from duobench.precision import Precision
 from duobench.progress import track
 
 ADAPTER_FILE = "spm.safetensors"
@@ -362,6 +368,8 @@ def train_adapters(config: SPMConfig, pipe, unet, network: SPMNetwork, target_pr
     )
     ddim = DDIMScheduler.from_config(pipe.scheduler.config)
     generator = torch.Generator().manual_seed(config.seed)
+    precision = Precision.of(unet)
+    scaler = precision.grad_scaler()
     losses = []
     with (
         frozen(unet, pipe.unet, pipe.text_encoder, getattr(pipe, "vae", None)),
@@ -378,17 +386,18 @@ def train_adapters(config: SPMConfig, pipe, unet, network: SPMNetwork, target_pr
             timestep = ddim.timesteps[int(stop * 1000 / config.denoising_steps)]
             anchors = anchor_embeddings(target, empty, config.anchor_samples, generator)
             anchor_latents = latents.expand(anchors.shape[0], -1, -1, -1)
-            with torch.no_grad(), network.active(0.0):
+            with torch.no_grad(), network.active(0.0), precision.autocast():
                 positive = predict_noise(unet, latents, timestep, target)
                 neutral_noise = predict_noise(unet, latents, timestep, neutral)
                 anchor_base = predict_noise(unet, anchor_latents, timestep, anchors)
-            with network.active(1.0):
+            with network.active(1.0), precision.autocast():
                 erased = predict_noise(unet, latents, timestep, target)
                 anchor_adapted = predict_noise(unet, anchor_latents, timestep, anchors)
             erase_target = neutral_noise - config.erase_guidance * (positive - neutral_noise)
             loss = F.mse_loss(erased, erase_target) + config.anchor_strength * F.mse_loss(anchor_adapted, anchor_base)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss.item())
@@ -397,11 +406,10 @@ def train_adapters(config: SPMConfig, pipe, unet, network: SPMNetwork, target_pr
 
 
 def train(config: SPMConfig, pipe, concept: Concept, out_dir: Path) -> None:
-    # The official code trains in fp32; a half-precision pipe gets an fp32 copy of its UNet to train with.
-    unet = pipe.unet if pipe.unet.dtype == torch.float32 else copy.deepcopy(pipe.unet).float()
-    network = SPMNetwork(unet, config.seed)  # hooked into the UNet for training, never registered in it
+    # fp32 adapters on the pipe's own UNet, whatever its dtype (mixed precision for a half pipe: module doc).
+    network = SPMNetwork(pipe.unet, config.seed)  # hooked into the UNet for training, never registered in it
     try:
-        losses = train_adapters(config, pipe, unet, network, concept.erase_prompt)
+        losses = train_adapters(config, pipe, pipe.unet, network, concept.erase_prompt)
     finally:
         network.remove()
     weights = {name: value.detach().cpu().contiguous() for name, value in network.adapters.state_dict().items()}

@@ -7,7 +7,9 @@ the items or the number of processes (up to float rounding in batched matmuls, w
 
 Speed: items sharing sampler settings (guidance, steps, size, scheduler) go through one pipeline call; the
 prompts of a batch are encoded in one text-encoder pass; ``batch_size="auto"`` starts large and halves on
-out-of-memory. The official evaluation scripts call the pipeline once per prompt with batch 1.
+out-of-memory, and later calls on the same pipeline start at the halved size (remembered on the pipeline
+object, per device: `remember_auto_batch_size`). The official evaluation scripts call the pipeline once per
+prompt with batch 1.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from duobench.items import WorkItem
 from duobench.paths import duobench_home
 
 AUTO_BATCH_START = {"cuda": 64, "cpu": 16}
+AUTO_BATCH_ATTRIBUTE = "duobench_auto_batch_size"
 
 BatchCallback = Callable[[list[WorkItem], list[Image.Image]], None]
 
@@ -42,9 +45,13 @@ def group_by_sampler(items: Sequence[WorkItem]) -> list[list[WorkItem]]:
     return list(groups.values())
 
 
-def resolve_batch_size(batch_size: int | str, device: torch.device) -> int:
+def resolve_batch_size(batch_size: int | str, device: torch.device, pipe: Any = None) -> int:
+    """The batch size to start with: an integer as given, or for ``"auto"`` the device's start size, or the
+    size an earlier out-of-memory on ``pipe`` halved it to (`remember_auto_batch_size`), if smaller."""
     if batch_size == "auto":
-        return AUTO_BATCH_START["cuda" if device.type == "cuda" else "cpu"]
+        start = AUTO_BATCH_START["cuda" if device.type == "cuda" else "cpu"]
+        learned = getattr(pipe, AUTO_BATCH_ATTRIBUTE, {}).get(str(device))
+        return min(start, learned) if learned else start
     try:
         value = int(batch_size)
     except (TypeError, ValueError):
@@ -52,6 +59,23 @@ def resolve_batch_size(batch_size: int | str, device: torch.device) -> int:
     if value < 1:
         raise DuobenchError(f"--batch-size must be a positive integer or 'auto', got {batch_size!r}.")
     return value
+
+
+def remember_auto_batch_size(pipe: Any, device: torch.device, size: int) -> None:
+    """Record on the pipeline that ``"auto"`` batches larger than ``size`` ran out of memory on ``device``.
+
+    Where this lives, a choice: module-level state is out (no global state beyond the registries), and the
+    `Generator` is too short-lived, since `as_generator` wraps a bare pipeline in a new one on every call
+    (the CLI, the attacks' base-model images). The pipeline object lives as long as the process keeps the
+    model loaded, and memory per batch is a property of that model on its device; so it carries a small
+    ``{device: size}`` dict (``duobench_auto_batch_size``), and every later ``"auto"`` call on it, through
+    any generator or edit chain, starts at that size. A freshly loaded pipeline starts from the top again.
+    """
+    learned = getattr(pipe, AUTO_BATCH_ATTRIBUTE, None)
+    if learned is None:
+        learned = {}
+        setattr(pipe, AUTO_BATCH_ATTRIBUTE, learned)
+    learned[str(device)] = min(size, learned.get(str(device), size))
 
 
 def _is_out_of_memory(error: BaseException) -> bool:
@@ -62,9 +86,10 @@ def generate(
     model: Generator | Any, items: Sequence[WorkItem], batch_size: int | str = 8
 ) -> Iterator[tuple[list[WorkItem], list[Image.Image]]]:
     """Yield ``(items, images)`` batch by batch from a `Generator` (or a pipeline's plain one). With
-    ``"auto"``, an out-of-memory batch is halved and retried."""
+    ``"auto"``, an out-of-memory batch is halved and retried, and the halved size is remembered on the
+    pipeline for later calls (`remember_auto_batch_size`)."""
     generator = as_generator(model)
-    size = resolve_batch_size(batch_size, generator.device)
+    size = resolve_batch_size(batch_size, generator.device, generator.pipe)
     adaptive = batch_size == "auto"
     for group in group_by_sampler(items):
         start = 0
@@ -76,6 +101,7 @@ def generate(
                 if not (adaptive and _is_out_of_memory(error) and size > 1):
                     raise
                 size //= 2
+                remember_auto_batch_size(generator.pipe, generator.device, size)
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
                 continue
