@@ -11,8 +11,12 @@ Cache layout, under ``<cache_dir>/<attack>/<run key>/``:
 - ``card.json``: the attack, its config, the budget, the concept and the model identities.
 
 Two processes that need the same run at once attack once: the first holds ``<run key>.lock`` beside the
-folder while it attacks (`duobench.locks.exclusive_unless_distributed`), the second waits and then reads
-the first's results.
+folder while it attacks (`duobench.locks.exclusive_for_job`), the second waits and then reads the first's
+results. The ranks of one torchrun job attack together: the prompts still to attack are spread over the
+ranks, all rows of one prompt on one rank (Ring-A-Bell and MMA-Diffusion search once per prompt), and every
+rank then reads every result from the cache. An attack whose prompts share one optimisation
+(``shares_work_across_prompts``, Concept Inversion's learned token) runs on rank 0 alone, as a
+model-changing attack does, while the other ranks wait.
 
 The run key hashes the attack name, config, budget, concept content (comments aside) and the identity of
 exactly what the attack may touch (`access_identity`): for a text-encoder attack the base model plus the
@@ -37,10 +41,11 @@ from typing import Any
 from duobench.attacks.base import Attack, AttackLog, AttackModels, AttackResult, Budget, grant_access
 from duobench.cache import atomic_write_bytes
 from duobench.concepts import Concept, PromptSetSpec, concept_identity
+from duobench.distributed import barrier, process_info
 from duobench.edits import Edit, System, as_system
 from duobench.errors import DuobenchError
 from duobench.items import SamplerSettings, WorkItem
-from duobench.locks import exclusive_unless_distributed, owner_tag
+from duobench.locks import exclusive_for_job, from_main_rank, owner_tag
 from duobench.metrics.base import Judge, card_identity
 from duobench.paths import duobench_home
 from duobench.progress import track_each
@@ -341,14 +346,15 @@ def run_attack(
     for key, row in zip(keys, run.rows, strict=True):
         if not store.has(key):
             todo.setdefault(key, row)
-    if todo:
+    if from_main_rank(bool(todo)):
         # One process attacks; another that needs the same run waits, then reads what the first stored.
-        with exclusive_unless_distributed(run.run_dir, f"running the {attack_name} attack {run.run_dir.name}"):
-            todo = {key: row for key, row in todo.items() if not store.has(key)}  # stored while this one waited
-            if todo:
+        with exclusive_for_job(run.run_dir, f"running the {attack_name} attack {run.run_dir.name}"):
+            # Stored while this one waited? Rank 0's view decides, so that the ranks split one list.
+            todo = dict(from_main_rank([(key, row) for key, row in todo.items() if not store.has(key)]))
+            pending = this_ranks_rows(run.attack, list(todo.items()))
+            if pending:
                 with run.granted() as models:
                     run.attack.prepare(concept, models, run.rows)
-                    pending = list(todo.items())
                     results = track_each(
                         run.attack.attack([row for _, row in pending], run.budget),
                         attack_name,
@@ -362,6 +368,7 @@ def run_attack(
                         store.put(key, result)
                         if on_result is not None:
                             on_result(result)
+            barrier()  # every rank's results are stored
         missing = [key for key in todo if not store.has(key)]
         if missing:
             raise RuntimeError(f"attack {attack_name!r} returned {len(todo) - len(missing)} of {len(todo)} results")
@@ -395,11 +402,26 @@ def run_edit_attack(
     if produces(run.attack) != "edit":
         raise DuobenchError(f"The {attack_name} attack returns prompts, not a model edit; use run_attack.")
     final = run.run_dir / "edit" / run.run_dir.name
-    if not (final / "card.json").exists():
-        with exclusive_unless_distributed(run.run_dir, f"running the {attack_name} attack {run.run_dir.name}"):
-            if not (final / "card.json").exists():  # else made by another process while this one waited
+    if not from_main_rank((final / "card.json").exists()):
+        with exclusive_for_job(run.run_dir, f"running the {attack_name} attack {run.run_dir.name}"):
+            # Else made by another process while this one waited. In a torchrun job rank 0 makes it alone.
+            if process_info().is_main and not (final / "card.json").exists():
                 _make_edit(run, attack_name, concept, final)
+            barrier()
     return Edit("attack", attack_name, final, 1.0, tuple(type(run.attack).touches))
+
+
+def this_ranks_rows(attack: Attack, pending: list[tuple[str, PromptRow]]) -> list[tuple[str, PromptRow]]:
+    """The ``(key, row)`` pairs of ``pending`` this rank attacks: every row of a prompt on one rank, the
+    prompts dealt round-robin in order of first appearance; all of them on rank 0 when the attack's prompts
+    share one optimisation. All of them without a process group."""
+    info = process_info()
+    if info.world_size == 1:
+        return pending
+    if getattr(type(attack), "shares_work_across_prompts", False):
+        return pending if info.is_main else []
+    order = {prompt: n for n, prompt in enumerate(dict.fromkeys(row.prompt for _, row in pending))}
+    return [(key, row) for key, row in pending if order[row.prompt] % info.world_size == info.rank]
 
 
 def result_live(result: AttackResult) -> dict[str, Any]:

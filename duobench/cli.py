@@ -48,6 +48,11 @@ def global_options(
 ) -> None:
     """duobench: erase a concept from a text-to-image model, attack it, measure what is left."""
     configure_logging("warning" if quiet else log_level)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun / accelerate launch
+        from duobench.distributed import init_distributed
+
+        info = init_distributed()  # pins this rank's GPU, so the default device "cuda" is this rank's
+        console.quiet = not info.is_main  # one copy of every result line, from rank 0
     if threads is not None:
         import torch
 
@@ -152,11 +157,11 @@ def generate(
     from dataclasses import replace
 
     from duobench.concepts import PromptSetSpec, load_concept
-    from duobench.distributed import init_distributed, rank_device
+    from duobench.distributed import process_info, rank_device
     from duobench.models import default_sampler_settings, load_pipeline, pipeline_fingerprint
     from duobench.prompts import load_prompt_set, to_work_items
 
-    info = init_distributed()
+    info = process_info()
     spec = PromptSetSpec(source=prompts, filter=filter, seeds_per_prompt=seeds_per_prompt)
     prompt_set = load_prompt_set(spec, guidance_override=guidance, use_row_resolution=use_row_resolution, limit=limit)
     metric = _judge_metric(judge) if judge else None
@@ -177,6 +182,10 @@ def generate(
         for note, count in prompt_set.notes.items():
             error_console.print(f"[yellow]note[/]: {count} row(s): {note}")
     report, rows = _generate(pipe, pipeline_fingerprint(pipe), items, out, cache_dir, batch_size, metric)
+    if metric is not None:
+        from duobench.metrics.base import sync_state
+
+        sync_state(metric)  # each rank judged its share
     if info.is_main:
         console.print(
             f"{len(items)} images ({report.generated} generated here, {report.reused} reused) in "
@@ -186,6 +195,11 @@ def generate(
             from duobench.report import write_judgments
 
             console.print(write_judgments(out, metric, rows))
+
+
+def _is_main_rank() -> bool:
+    """Whether this process writes the command's files: always, except on the ranks > 0 of a torchrun job."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _judge_metric(judge: str):
@@ -300,6 +314,8 @@ def run(
 
         summary = run_once(run_config)
         print_summary([summary])
+        if not _is_main_rank():
+            return
         from duobench.browse import link_run_images
 
         counts = link_run_images(Path(run_config.out))
@@ -315,6 +331,8 @@ def run(
         knob, knob_values = parse_sweep(spec)
         points += run_sweep(run_config, knob, knob_values, stages)
     out_dir = Path(run_config.out)
+    if not _is_main_rank():
+        return
     write_curve(
         points,
         out_dir / "curve.csv",
@@ -346,9 +364,24 @@ def leaderboard(
     training_seeds: str | None = typer.Option(
         None, help="Train each stochastic method once per seed, e.g. 0,1,2: rows per seed plus mean ± sd."
     ),
+    shard: str | None = typer.Option(
+        None,
+        help="Run only shard i of n (i/n, from 0), as one job of a Slurm array or any scheduler; then --merge.",
+    ),
+    merge: bool = typer.Option(
+        False, "--merge", help="Write the leaderboard from the cells the --shard jobs ran (no model loads)."
+    ),
 ) -> None:
-    """Run the (method x attack) grid and write leaderboards/<model>-<concept>.csv (+ .md), or --check one."""
-    from duobench.leaderboard import check_leaderboard, leaderboard_path, run_grid, write_leaderboard
+    """Run the (method x attack) grid and write leaderboards/<model>-<concept>.csv (+ .md), or --check one.
+    Under torchrun every cell uses all ranks; on a cluster, --shard i/n jobs then one --merge."""
+    from duobench.leaderboard import (
+        check_leaderboard,
+        leaderboard_path,
+        merge_grid,
+        parse_shard,
+        run_grid,
+        write_leaderboard,
+    )
     from duobench.report import print_summary
     from duobench.run_config import resolve_run_config
     from duobench.stages import StageCache
@@ -390,17 +423,32 @@ def leaderboard(
     method_list = [m.strip() for m in methods.split(",") if m.strip()]
     attack_list = [a.strip() for a in attacks.split(",") if a.strip()]
     seeds = _int_list(training_seeds, "--training-seeds") if training_seeds else None
+    if shard and (merge or sweep):
+        raise DuobenchError("--shard runs cells; --merge and --sweep come afterwards, in one process without --shard.")
     from dataclasses import replace
 
+    from duobench.concepts import load_concept
     from duobench.leaderboard import shared_base
 
+    csv_path = leaderboard_path(folder, run_config.model, load_concept(run_config.concept).name)
+    if merge:
+        rows, summaries = merge_grid(run_config, method_list, attack_list, seeds)
+        write_leaderboard(rows, csv_path)
+        print_summary(summaries)
+        console.print(f"leaderboard: {csv_path} and {csv_path.with_suffix('.md')} (merged from {len(rows)} cells)")
+        return
+    parts = parse_shard(shard) if shard else None
     base = shared_base(replace(run_config, method=method_list[0], attack=attack_list[0]))  # one load for all cells
-    rows, summaries = run_grid(run_config, method_list, attack_list, stages, base, training_seeds=seeds)
-    from duobench.concepts import load_concept
-
-    csv_path = write_leaderboard(
-        rows, leaderboard_path(folder, run_config.model, load_concept(run_config.concept).name)
-    )
+    rows, summaries = run_grid(run_config, method_list, attack_list, stages, base, training_seeds=seeds, shard=parts)
+    if parts:
+        print_summary(summaries)
+        console.print(
+            f"shard {shard}: {len(rows)} cells in {run_config.out}/. When every shard is done, run the same "
+            "command with --merge instead of --shard."
+        )
+        return
+    if _is_main_rank():
+        write_leaderboard(rows, csv_path)
     print_summary(summaries)
     if sweep:
         from duobench.curves import parse_sweep
@@ -485,7 +533,8 @@ def attack(
         console.print(f"{attack} edit of {method}: {edit.artifact}")
         return
     results = run_attack(*arguments, budget, **common)
-    write_attack_csv(results, out)
+    if _is_main_rank():
+        write_attack_csv(results, out)
     console.print(f"{len(results)} adversarial prompts → {out}")
 
 

@@ -10,6 +10,10 @@ metric that groups by item (DSR's phases and prompt ids) sees every item.
 
 ``duobench run`` judges its attack images this way, and ``duobench generate --judge`` does it for any
 prompt file.
+
+Under a process group each rank judges the images whose key it owns (the ones it generates, or would have),
+and every rank gets every item's audit row back; the metric's state stays this rank's share, to be merged
+once with `duobench.metrics.base.sync_state` before ``compute`` (a metric may span several calls).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from typing import Any
 
 from PIL import Image
 
+from duobench.distributed import gather_indexed, owns, process_info
 from duobench.engine import GenerationReport, generate_cached
 from duobench.generator import as_generator
 from duobench.items import WorkItem
@@ -52,9 +57,12 @@ def generate_and_judge(
     if in_background is None:
         in_background = as_generator(model).device.type != "cpu"
     earlier_rows = len(metric.audit_rows())
-    waiting: dict[str, list[int]] = defaultdict(list)  # image key -> items still to be judged
+    info = process_info()
+    waiting: dict[str, list[int]] = defaultdict(list)  # image key -> this rank's items still to be judged
     for index, item in enumerate(items):
-        waiting[item.key(fingerprint)].append(index)
+        key = item.key(fingerprint)
+        if owns(key, info):
+            waiting[key].append(index)
     submitted: list[int] = []
 
     with JudgingWorker([metric], in_background=in_background) as worker:
@@ -87,7 +95,5 @@ def generate_and_judge(
             submit(chunk, load_images([report.paths[i] for i in chunk]))
         rows = worker.close()[earlier_rows:]
 
-    ordered: list[dict[str, Any]] = [{} for _ in items]
-    for index, row in zip(submitted, rows, strict=True):
-        ordered[index] = {**row, "image": str(report.paths[index])}
-    return report, ordered
+    mine = [(index, {**row, "image": str(report.paths[index])}) for index, row in zip(submitted, rows, strict=True)]
+    return report, gather_indexed(mine)

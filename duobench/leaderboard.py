@@ -59,22 +59,15 @@ def seeded_method_options(
     return [(seed, {**options, **dict.fromkeys(seed_fields, seed)}) for seed in training_seeds]
 
 
-def run_grid(
-    base_config: RunConfig,
-    methods: list[str],
-    attacks: list[str],
-    stages: StageCache | None = None,
-    base=None,
-    training_seeds: list[int] | None = None,
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Every (method, training seed, attack) run, reusing every cached stage; returns (leaderboard rows,
-    summaries). With ``training_seeds`` each stochastic method is trained once per seed, so the spread of
-    its numbers across trainings can be reported beside the within-run interval over prompts.
+Cell = tuple[int | None, RunConfig]
+"""A grid cell: (training seed or None, the cell's run configuration)."""
 
-    Every cell shares one loaded base model (``base``, else loaded once after the first cell's plan has
-    checked the configuration): edits are applied to it and removed again, never kept."""
-    stages = stages or StageCache()
-    cells = [
+
+def grid_cells(
+    base_config: RunConfig, methods: list[str], attacks: list[str], training_seeds: list[int] | None = None
+) -> list[Cell]:
+    """``(training seed, run config)`` of every cell, in the leaderboard's row order."""
+    return [
         (
             seed,
             replace(
@@ -89,6 +82,52 @@ def run_grid(
         for seed, options in seeded_method_options(method, base_config.method_options, training_seeds)
         for attack in attacks
     ]
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"i/n"`` → ``(i, n)``, shards counted from 0 (a Slurm array's ``$SLURM_ARRAY_TASK_ID`` with
+    ``--array=0-<n-1>``)."""
+    index, _, count = text.partition("/")
+    try:
+        i, n = int(index), int(count)
+    except ValueError:
+        i, n = -1, 0
+    if not 0 <= i < n:
+        raise DuobenchError(f"--shard {text!r} must be i/n with 0 <= i < n, e.g. 0/4 for the first of four shards.")
+    return i, n
+
+
+def shard_cells(cells: list[Cell], index: int, count: int) -> list[Cell]:
+    """Shard ``index`` of ``count``'s cells. The unit dealt round-robin is a training (a method and its
+    training seed, with all its attacks), so that no two shards wait on one training's lock; with fewer
+    trainings than shards, single cells are dealt instead."""
+    units: dict[tuple[str, int | None], list[Cell]] = {}
+    for seed, config in cells:
+        units.setdefault((config.method, seed), []).append((seed, config))
+    groups = list(units.values()) if len(units) >= count else [[cell] for cell in cells]
+    return [cell for n, group in enumerate(groups) if n % count == index for cell in group]
+
+
+def run_grid(
+    base_config: RunConfig,
+    methods: list[str],
+    attacks: list[str],
+    stages: StageCache | None = None,
+    base=None,
+    training_seeds: list[int] | None = None,
+    shard: tuple[int, int] | None = None,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Every (method, training seed, attack) run, reusing every cached stage; returns (leaderboard rows,
+    summaries). With ``training_seeds`` each stochastic method is trained once per seed, so the spread of
+    its numbers across trainings can be reported beside the within-run interval over prompts. With
+    ``shard=(i, n)`` only shard i's cells run (`shard_cells`); `merge_grid` then collects every shard's.
+
+    Every cell shares one loaded base model (``base``, else loaded once after the first cell's plan has
+    checked the configuration): edits are applied to it and removed again, never kept."""
+    stages = stages or StageCache()
+    cells = grid_cells(base_config, methods, attacks, training_seeds)
+    if shard is not None:
+        cells = shard_cells(cells, *shard)
     base = base if base is not None or not cells else shared_base(cells[0][1])
     rows, summaries = [], []
     for seed, config in cells:
@@ -96,6 +135,50 @@ def run_grid(
         summaries.append(summary)
         rows.append(leaderboard_row(summary, config, seed))
     return rows, summaries
+
+
+def merge_grid(
+    base_config: RunConfig, methods: list[str], attacks: list[str], training_seeds: list[int] | None = None
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The rows and summaries of a grid whose cells ran elsewhere (``--shard`` jobs), read from the cells'
+    run folders without loading a model. A cell whose folder is missing, or holds a run of another
+    configuration, is named in the error with the shard that runs it."""
+    cells = grid_cells(base_config, methods, attacks, training_seeds)
+    rows, summaries, problems = [], [], []
+    for seed, config in cells:
+        folder = Path(config.out)
+        summary_file, config_file = folder / "summary.json", folder / "config.yaml"
+        if not (summary_file.exists() and config_file.exists()):
+            problems.append(f"{folder.name}: not run yet")
+            continue
+        stored = _stored_run_config(config_file, config)
+        if stored is None:
+            problems.append(f"{folder.name}: holds a run of another configuration")
+            continue
+        summary = json.loads(summary_file.read_text())
+        summaries.append(summary)
+        rows.append(leaderboard_row(summary, stored, seed))
+    if problems:
+        shown = "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
+        raise DuobenchError(
+            f"Cannot merge the leaderboard: {len(problems)} of {len(cells)} cells are missing ({shown}). Run "
+            "every shard first (`duobench leaderboard --shard i/n` for each i, with the same options and --out), "
+            "then --merge."
+        )
+    return rows, summaries
+
+
+def _stored_run_config(config_file: Path, expected: RunConfig) -> RunConfig | None:
+    """The run configuration a cell's run folder recorded (``config.yaml``), or None when it is not
+    ``expected``'s run. The thread count counts only when ``expected`` names one (a run records the count
+    it used)."""
+    from duobench.run_config import resolve_run_config
+
+    stored, _ = resolve_run_config(config_file, {})
+    wanted, found = reproducible_config(expected), reproducible_config(stored)
+    if expected.threads is None:
+        wanted.pop("threads"), found.pop("threads")
+    return stored if wanted == found else None
 
 
 def cell_out(config: RunConfig, method: str, attack: str, seed: int | None) -> str:
@@ -107,10 +190,12 @@ def cell_out(config: RunConfig, method: str, attack: str, seed: int | None) -> s
 def shared_base(config: RunConfig):
     """The base model for many runs of one model, loaded once, after ``config``'s plan passed (bad input
     fails before the model loads)."""
+    from duobench.distributed import main_process_first
     from duobench.models import load_pipeline
     from duobench.runner import plan_run
 
-    plan_run(config)
+    with main_process_first():  # downloads once; the other ranks then find them
+        plan_run(config)
     return load_pipeline(config.model, device=config.device)
 
 
@@ -128,6 +213,7 @@ def write_grid_curves(
     """A sweep of ``knob`` for every (method, attack) of the grid, drawn beside the leaderboard
     (``<stem>-curve.csv`` and ``.png``). It follows each method's first training seed: no extra training."""
     from duobench.curves import sweep, write_curve
+    from duobench.distributed import process_info
 
     points = []
     for method in (m for m in methods if m != "none"):
@@ -142,7 +228,8 @@ def write_grid_curves(
             )
             points += sweep(cell, knob, values, stages, base)
     curve = csv_path.with_name(csv_path.stem + "-curve.csv")
-    write_curve(points, curve, curve.with_suffix(".png"), title=f"{config.concept} on {config.model}")
+    if process_info().is_main:
+        write_curve(points, curve, curve.with_suffix(".png"), title=f"{config.concept} on {config.model}")
     return curve
 
 

@@ -60,9 +60,7 @@ that rank in a collective: both wait forever. So a lock belongs either to one pr
   the lock for the job and tells the other ranks with a short broadcast after each attempt. No rank sits in
   one collective for the whole wait; a barrier would time out after the process group's 10-30 minutes while
   another job trains for hours.
-- `exclusive_unless_distributed` locks for this process, and takes no lock at all inside a process group.
-  It serves caches whose callers under torchrun are not settled yet: attack results and stage results. Their
-  writes are atomic, so two jobs that race duplicate the work but never corrupt a result.
+  Stage results and attack runs use it, as method artifacts do.
 
 Never hold a lock while waiting on something that may need the same lock. The only nesting in duobench is a
 method artifact's lock, then a DUO pair set's lock inside that method's training. Stage and attack locks
@@ -147,17 +145,6 @@ def exclusive_for_job(path: Path | str, doing: str = "", *, poll: float = POLL_S
     finally:
         if lock is not None:
             lock.release()
-
-
-@contextlib.contextmanager
-def exclusive_unless_distributed(path: Path | str, doing: str = "", *, poll: float = POLL_SECONDS) -> Iterator[None]:
-    """`exclusive` for a single process; no lock inside a process group, where the job's ranks follow
-    their own protocol (see the module docstring)."""
-    if group_size() > 1:
-        yield
-        return
-    with exclusive(path, doing, poll=poll):
-        yield
 
 
 def group_size() -> int:

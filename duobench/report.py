@@ -167,8 +167,14 @@ def write_run_outputs(
 
 
 def print_summary(summaries: list[dict[str, Any]]) -> None:
+    """The results table on stdout (from rank 0 alone under torchrun)."""
     from rich.console import Console
     from rich.table import Table
+
+    from duobench.distributed import process_info
+
+    if not process_info().is_main:
+        return
 
     table = Table(title="duobench results")
     for column in (

@@ -143,11 +143,14 @@ def prepare(
     """Plan the run (no model work), load the base model, and train or load the method's edit (stage 1).
     ``show_plan`` logs the whole run's work and time estimate (`duobench attack`, which runs only the attack,
     turns it off)."""
+    from duobench.distributed import main_process_first
     from duobench.methods import read_card, train_or_load
     from duobench.models import default_sampler_settings, load_pipeline, pipeline_fingerprint
     from duobench.workload import log_plan
 
-    plan = plan or plan_run(config)
+    if plan is None:
+        with main_process_first():  # downloads and renders once; the other ranks then find them
+            plan = plan_run(config)
     concept = plan.concept
     apply_threads(config)
     base_pipe = base if base is not None else load_pipeline(config.model, device=config.device)
@@ -272,6 +275,7 @@ def generate_and_judge_stage(
     pre-attack items) and the judge result, cached by the image keys, the judge's card and the DSR card
     (its interval)."""
     from duobench.judged_generation import generate_and_judge
+    from duobench.metrics.base import sync_state
     from duobench.metrics.dsr import DSR, build_judge
 
     segments = judged_segments(context, attack_items, pre_items)
@@ -295,6 +299,7 @@ def generate_and_judge_stage(
             paths += report.paths
             rows += segment_rows
         fresh["paths"] = paths
+        sync_state(metric)  # every rank judged its share of the images
         return {"report": metric.compute(), "card": metric.card.to_dict(), "rows": rows}
 
     payload = {
@@ -314,6 +319,7 @@ def generate_and_judge_stage(
 
 def run(config: RunConfig, stages: StageCache | None = None, base=None) -> dict[str, Any]:
     """Run every stage and write the report; returns the summary dict (also ``summary.json``)."""
+    from duobench.distributed import barrier, process_info, sum_over_ranks
     from duobench.report import write_run_outputs
 
     started = time.perf_counter()
@@ -331,8 +337,8 @@ def run(config: RunConfig, stages: StageCache | None = None, base=None) -> dict[
     summary = build_summary(context, judged, metrics, attack_card, len(attack_items))
     sheet = run_contact_sheet(context, attack_items, pre_items, dsr_paths)
     summary["seconds"] = round(time.perf_counter() - started, 2)
-    summary["images_generated"] = context.generated
-    summary["images_reused"] = context.reused
+    summary["images_generated"] = sum_over_ranks(context.generated)
+    summary["images_reused"] = sum_over_ranks(context.reused)
     summary["stage_cache_hits"] = sum(context.stages.hits.values())
     paths = {
         (item.prompt, item.seed): {"image": str(path), "base_image": str(base)}
@@ -343,7 +349,9 @@ def run(config: RunConfig, stages: StageCache | None = None, base=None) -> dict[
         for name in ("prior_preservation", "clip_score")
         for row in metrics[name]["rows"]
     ]
-    write_run_outputs(context.out, config, summary, judged["rows"] + benign_rows, sheet)
+    if process_info().is_main:
+        write_run_outputs(context.out, config, summary, judged["rows"] + benign_rows, sheet)
+    barrier()  # every rank returns once the run's files are written
     return summary
 
 
@@ -392,6 +400,7 @@ def build_summary(
     attack_card: dict[str, Any],
     n_attack: int,
 ) -> dict[str, Any]:
+    from duobench.distributed import process_info
     from duobench.provenance import artifact_sha256, environment, git_commit
 
     config = context.config
@@ -440,5 +449,6 @@ def build_summary(
         "environment": {
             **environment(context.base.pipe.device),
             "dtype": str(context.base.pipe.unet.dtype).removeprefix("torch."),
+            **({"processes": processes} if (processes := process_info().world_size) > 1 else {}),
         },
     }

@@ -3,8 +3,11 @@
 A stage's key hashes everything its result depends on (image keys, metric card ids, configs). Results are
 written atomically; the counters let tests and users see what a run reused. Two processes that need the
 same result at once compute it once: the first holds the result's lock while it computes, the second waits
-and reads it (`duobench.locks.exclusive_unless_distributed`: inside a torchrun process group the job's ranks
-keep their own protocol and take no lock).
+and reads it.
+
+Inside a torchrun process group `StageCache.run` is a collective call, as its computations are (judging and
+metrics sharded over the ranks and merged): rank 0 decides whether the result is stored and holds the lock
+for the job (`duobench.locks.exclusive_for_job`), every rank computes its share, and rank 0 writes it.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from duobench.cache import atomic_write_bytes
-from duobench.locks import exclusive_unless_distributed
+from duobench.locks import exclusive_for_job, from_main_rank
 from duobench.paths import duobench_home
 
 
@@ -37,15 +40,18 @@ class StageCache:
         return self.root / stage / f"{stable_hash(payload)}.json"
 
     def run(self, stage: str, payload: Any, compute: Callable[[], Any]) -> Any:
+        from duobench.distributed import process_info
+
         path = self.path(stage, payload)
-        if path.exists():
+        if from_main_rank(path.exists()):
             self.hits[stage] += 1
             return json.loads(path.read_text())
-        with exclusive_unless_distributed(path, f"computing the {stage} stage {path.stem}"):
-            if path.exists():  # computed by another process while this one waited
+        with exclusive_for_job(path, f"computing the {stage} stage {path.stem}"):
+            if from_main_rank(path.exists()):  # computed by another process while this one waited
                 self.hits[stage] += 1
                 return json.loads(path.read_text())
             self.misses[stage] += 1
             result = compute()
-            atomic_write_bytes(path, json.dumps(result, sort_keys=True, default=str).encode())
+            if process_info().is_main:
+                atomic_write_bytes(path, json.dumps(result, sort_keys=True, default=str).encode())
         return result

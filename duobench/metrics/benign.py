@@ -1,20 +1,25 @@
 """The run's benign-prompt metrics (prior preservation, CLIP score, FID) wired to the stage cache.
 
 Each metric's result is cached under the keys of the images it read and its card's identity (id, parameters,
-pinned weights sha256), so a card version bump recomputes that metric alone.
+pinned weights sha256), so a card version bump recomputes that metric alone. Under a process group every rank
+reads a share of the images and the metric's states merge (`feed_share`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from duobench.distributed import gather_indexed, my_share
 from duobench.items import WorkItem
-from duobench.metrics.base import card_identity, load_images
+from duobench.metrics.base import StreamingMetric, card_identity, load_images, sync_state
 from duobench.metrics.fid_reference import FidReference, card_for
 from duobench.progress import track
 from duobench.stages import StageCache
 
+CHUNK = 64
+"""Images per metric update."""
 PER_IMAGE = "per-image audit rows"
 """In the prior-preservation and CLIP-score stage keys: their cached results carry per-image rows."""
 
@@ -59,11 +64,12 @@ def benign_metrics(
 
     def clip() -> dict[str, Any]:
         metric = METRICS.get(presets["clip_score"])()
-        with track("CLIP score", len(items), unit="images") as progress:
-            for start in range(0, len(items), 64):
-                metric.update(load_images(target_paths[start : start + 64]), items=items[start : start + 64])
-                progress.advance(len(items[start : start + 64]))
-        return {**metric.compute(), "rows": metric.audit_rows()}
+
+        def update(chunk: list[int]) -> None:
+            metric.update(load_images([target_paths[i] for i in chunk]), items=[items[i] for i in chunk])
+
+        rows = feed_share(metric, "CLIP score", len(items), update)
+        return {**metric.compute(), "rows": rows}
 
     results["clip_score"] = stages.run(
         "clip_score",
@@ -106,17 +112,11 @@ def _fid(preset: str, reference: FidReference, base_paths: list[Path], target_pa
     card = card_for(metric_preset.card, reference)
     if reference.is_base_model:
         base_metric = metric_preset.factory(card=card, reference=(np.zeros(1), np.zeros((1, 1))))
-        with track("FID reference (base model)", len(base_paths), unit="images") as progress:
-            for start in range(0, len(base_paths), 64):
-                base_metric.update(load_images(base_paths[start : start + 64]))
-                progress.advance(len(base_paths[start : start + 64]))
+        feed_share(base_metric, "FID reference (base model)", len(base_paths), _updater(base_metric, base_paths))
         metric = metric_preset.factory(card=card, reference=base_metric.mean_and_covariance())
     else:
         metric = metric_preset.factory(card=card, reference=reference.path)
-    with track("FID", len(target_paths), unit="images") as progress:
-        for start in range(0, len(target_paths), 64):
-            metric.update(load_images(target_paths[start : start + 64]))
-            progress.advance(len(target_paths[start : start + 64]))
+    feed_share(metric, "FID", len(target_paths), _updater(metric, target_paths))
     result = metric.compute()
     result["reference"] = reference.source
     return result
@@ -128,12 +128,39 @@ def _prior_preservation(
     from duobench.registry import METRICS
 
     metric = METRICS.get(preset)()
-    with track("prior preservation", len(target_paths), unit="images") as progress:
-        for start in range(0, len(target_paths), 64):
-            metric.update(
-                load_images(target_paths[start : start + 64]),
-                items=items[start : start + 64],
-                references=load_images(base_paths[start : start + 64]),
-            )
-            progress.advance(len(target_paths[start : start + 64]))
-    return {**metric.compute(), "rows": metric.audit_rows()}
+
+    def update(chunk: list[int]) -> None:
+        metric.update(
+            load_images([target_paths[i] for i in chunk]),
+            items=[items[i] for i in chunk],
+            references=load_images([base_paths[i] for i in chunk]),
+        )
+
+    rows = feed_share(metric, "prior preservation", len(target_paths), update)
+    return {**metric.compute(), "rows": rows}
+
+
+def _updater(metric: StreamingMetric, paths: list[Path]) -> Callable[[list[int]], None]:
+    """``update(chunk)`` feeding the images at the chunk's positions to a metric that reads images alone."""
+    return lambda chunk: metric.update(load_images([paths[i] for i in chunk]))
+
+
+def feed_share(
+    metric: StreamingMetric, description: str, count: int, update: Callable[[list[int]], None]
+) -> list[dict[str, Any]]:
+    """Feed this rank's share of ``count`` images to ``metric``, ``CHUNK`` positions per ``update(chunk)``
+    call, with a progress bar; then merge every rank's state into ``metric`` (`sync_state`) and return the
+    per-image audit rows of all ranks in position order. In one process: every position, in order."""
+    mine = my_share(count)
+    indexed: list[tuple[int, dict[str, Any]]] = []
+    with track(description, len(mine), unit="images") as progress:
+        for start in range(0, len(mine), CHUNK):
+            chunk = mine[start : start + CHUNK]
+            before = len(metric.audit_rows())
+            update(chunk)
+            fresh = metric.audit_rows()[before:]
+            if fresh:  # per-image metrics keep one row per image; set-level ones (FID) none
+                indexed += zip(chunk, fresh, strict=True)
+            progress.advance(len(chunk))
+    sync_state(metric)
+    return gather_indexed(indexed)
