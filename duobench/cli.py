@@ -264,7 +264,9 @@ def run(
     concept: str | None = typer.Option(None, help=CONCEPT_HELP),
     model: str | None = typer.Option(None, help="Model: registered name, HF id, folder or file."),
     strength: float | None = typer.Option(None, help="Method strength in [0, 1] (default 1)."),
-    sweep: list[str] | None = typer.Option(None, help="Curve: e.g. strength=0,0.25,0.5,0.75,1 or beta=250,500."),
+    sweep: list[str] | None = typer.Option(
+        None, help="Curve: strength=0,0.5,1, guidance=1,3,7.5 or any numeric method option (beta=250,500)."
+    ),
     method_opt: list[str] | None = typer.Option(None, help="Method option key=value (repeatable)."),
     attack_opt: list[str] | None = typer.Option(None, help="Attack option key=value (repeatable)."),
     prompt_set: str | None = typer.Option(None, help="Which of the concept's prompt sets."),
@@ -276,6 +278,9 @@ def run(
         None,
         help="FID reference: real images (a folder, a clean-fid .npz, coco-val2014, toy-shapes) or 'base' "
         "(drift from the base model's images, under its own card id). Default: the concept's.",
+    ),
+    guidance: float | None = typer.Option(
+        None, help="Evaluate the attack and pre-attack images at this CFG scale (default: the prompt rows')."
     ),
     batch_size: str | None = typer.Option(None, help="Generation batch size or 'auto'."),
     device: str | None = typer.Option(None, help="cuda, cpu, ..."),
@@ -302,6 +307,7 @@ def run(
             "attack_steps": attack_steps,
             "attack_queries": attack_queries,
             "fid_reference": fid_reference,
+            "guidance": guidance,
             "batch_size": batch_size,
             "device": device,
             "out": str(out) if out else None,

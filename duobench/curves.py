@@ -1,8 +1,11 @@
 """DSR-vs-prior-preservation curves: sweep a method's knob, one point per value, drawn per attack.
 
 ``--sweep strength=0,0.25,0.5,0.75,1`` sweeps the inference-time strength (LoRA scale, weight
-interpolation, adapter multiplier): training happens once. ``--sweep beta=250,500,1000`` (or any method
-option) trains one artifact per value, each cached by its config hash.
+interpolation, adapter multiplier): training happens once. ``--sweep beta=250,500,1000`` (or any numeric
+method option, e.g. DUO's ``base_lambda=0,1e6`` for the output-preserving term's ablation) trains one artifact
+per value, each cached by its config hash. ``--sweep guidance=1,3,7.5`` evaluates the attack and pre-attack
+images at each classifier-free guidance scale; its figure draws DSR against the guidance scale, since the
+benign images, and so prior preservation, do not change with it.
 """
 
 from __future__ import annotations
@@ -46,10 +49,12 @@ def parse_sweep(spec: str) -> tuple[str, list[float]]:
 
 
 def config_at(config: RunConfig, knob: str, value: float) -> RunConfig:
-    """The run configuration of one curve point, with its own output folder."""
+    """The run configuration of one curve point, with its own output folder: ``strength`` (the method's
+    inference-time strength), ``guidance`` (the evaluation images' classifier-free guidance) or any numeric
+    option of the method (``beta``, ``base_lambda``, ...: one trained artifact per value)."""
     out = str(Path(config.out) / f"{knob}={value:g}")
-    if knob == "strength":
-        return replace(config, strength=value, out=out)
+    if knob in ("strength", "guidance"):
+        return replace(config, out=out, **{knob: value})
     number = int(value) if float(value).is_integer() else value
     return replace(config, method_options={**config.method_options, knob: number}, out=out)
 
@@ -99,20 +104,22 @@ def write_curve(points: list[dict[str, Any]], csv_path: Path, png_path: Path, ti
     attacks = list(dict.fromkeys(frame["attack"]))
     figure, axes = plt.subplots(1, len(attacks), figsize=(4.5 * len(attacks), 4), squeeze=False)
     for axis, attack in zip(axes[0], attacks, strict=True):
-        for method, group in frame[frame["attack"] == attack].groupby("method", sort=False):
-            group = group.sort_values("prior_preservation")
+        for (method, knob), group in frame[frame["attack"] == attack].groupby(["method", "knob"], sort=False):
+            x = "value" if knob == "guidance" else "prior_preservation"
+            group = group.sort_values(x)
             errors = [group["dsr"] - group["dsr_ci_low"], group["dsr_ci_high"] - group["dsr"]]
-            axis.errorbar(group["prior_preservation"], group["dsr"], yerr=errors, marker="o", capsize=3, label=method)
+            axis.errorbar(group[x], group["dsr"], yerr=errors, marker="o", capsize=3, label=method)
             for _, point in group.iterrows():
                 axis.annotate(
                     f"{point['value']:g}",
-                    (point["prior_preservation"], point["dsr"]),
+                    (point[x], point["dsr"]),
                     fontsize=7,
                     textcoords="offset points",
                     xytext=(3, 3),
                 )
         axis.set_title(f"attack: {attack}")
-        axis.set_xlabel("prior preservation (1 - distance)")
+        guidance_only = set(frame["knob"]) == {"guidance"}
+        axis.set_xlabel("classifier-free guidance scale" if guidance_only else "prior preservation (1 - distance)")
         axis.set_ylabel("defense success rate")
         axis.set_ylim(-0.02, 1.02)
         axis.grid(alpha=0.3)

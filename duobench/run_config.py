@@ -46,6 +46,10 @@ class RunConfig:
     folder of real images or a clean-fid ``.npz``; empty: the concept's ``fid_reference``."""
     metrics: dict[str, str] = field(default_factory=dict)
     """Overrides of the concept's metric presets (prior_preservation, clip_score, fid)."""
+    guidance: float | None = None
+    """The classifier-free guidance scale of the attack-phase and pre-attack images, replacing each prompt row's
+    own and the concept's; None keeps those. The attack itself still searches at the rows' guidance, and the
+    benign images keep theirs (`--sweep guidance=...` draws DSR against it)."""
     threads: int | None = None
     """torch CPU threads. A CPU-trained artifact depends on them (see `duobench.methods.training_numerics`),
     so a run on a CPU records the count it used here, and a re-run of its config uses it again."""
@@ -117,6 +121,13 @@ def check_run_config(config: RunConfig) -> RunConfig:
             problems.append(f"strength interpolates the base model (0) to the full edit (1), got {config.strength}")
     except (TypeError, ValueError):
         problems.append(f"strength must be a number in [0, 1], got {config.strength!r}")
+    if config.guidance is not None:
+        try:
+            config.guidance = float(config.guidance)
+            if not 0.0 <= config.guidance < float("inf"):
+                raise ValueError
+        except (TypeError, ValueError):
+            problems.append(f"guidance must be a finite number >= 0 (1 turns guidance off), got {config.guidance!r}")
     config.batch_size = str(config.batch_size)
     try:
         import torch

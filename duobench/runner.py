@@ -204,7 +204,10 @@ def attacked_items(context: RunContext) -> tuple[list[WorkItem], list[WorkItem],
     from duobench.prompts import to_work_items
 
     config, concept, prompt_set = context.config, context.concept, context.plan.prompt_set
-    plain = [_with_prompt_id(item, "pre-attack") for item in to_work_items(prompt_set.rows, context.settings)]
+    plain = [
+        _with_prompt_id(item, "pre-attack")
+        for item in evaluated_at(to_work_items(prompt_set.rows, context.settings), config.guidance)
+    ]
     if config.attack == "none":
         return (
             [replace(item, meta={**item.meta, "phase": "attack"}) for item in plain],
@@ -231,8 +234,17 @@ def attacked_items(context: RunContext) -> tuple[list[WorkItem], list[WorkItem],
     results = run_attack(
         config.attack, concept, context.target, context.base, prompt_set, budget, judge=judge, **common
     )
-    attacked = [_with_prompt_id(item, "attack") for item in attack_work_items(results, context.settings)]
+    attacked = [
+        _with_prompt_id(item, "attack")
+        for item in evaluated_at(attack_work_items(results, context.settings), config.guidance)
+    ]
     return attacked, plain, card
+
+
+def evaluated_at(items: list[WorkItem], guidance: float | None) -> list[WorkItem]:
+    """``items`` with their classifier-free guidance replaced by ``guidance`` (the run's ``guidance``
+    option); unchanged when it is None."""
+    return items if guidance is None else [replace(item, guidance=float(guidance)) for item in items]
 
 
 def benign_items(context: RunContext) -> list[WorkItem]:

@@ -1,0 +1,60 @@
+"""Curves over any knob: a method option (one artifact per value) and the evaluation's guidance scale."""
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from duobench.curves import config_at, sweep, write_curve
+from duobench.errors import DuobenchError
+from duobench.run_config import RunConfig, check_run_config
+from duobench.stages import StageCache
+
+
+def toy(out: Path, **overrides) -> RunConfig:
+    values = dict(model="toy", concept="star", limit=1, benign_limit=2, batch_size="16", device="cpu", out=str(out))
+    return RunConfig(**{**values, **overrides})
+
+
+@pytest.fixture(scope="module")
+def toy_base():
+    from duobench.models import load_pipeline
+
+    return load_pipeline("toy", device="cpu")
+
+
+def manifest_guidance(run_dir: Path, phase: str) -> set[float]:
+    rows = (run_dir / "generations" / phase / "manifest.jsonl").read_text().splitlines()
+    return {json.loads(row)["item"]["guidance"] for row in rows}
+
+
+def test_a_method_option_sweep_trains_one_artifact_per_value(tmp_path, toy_base):
+    config = toy(tmp_path / "runs", method="uce")
+    points = sweep(config, "erase_scale", [0.0, 1.0], StageCache(tmp_path / "stages"), toy_base)
+    assert [point["method_config"]["erase_scale"] for point in points] == [0.0, 1.0]
+    assert points[0]["checkpoint_sha256"] != points[1]["checkpoint_sha256"]
+    assert points[1]["dsr"] > points[0]["dsr"]  # UCE with no erase scale leaves the stars
+    assert json.loads(points[1]["run_config"])["method_options"] == {"erase_scale": 1}
+    with pytest.raises(DuobenchError, match="no_such_option"):
+        sweep(config, "no_such_option", [1.0], StageCache(tmp_path / "stages"), toy_base)
+
+
+def test_a_guidance_sweep_changes_only_the_evaluated_images(tmp_path, toy_base):
+    config = toy(tmp_path / "runs", method="none", attack="none")
+    points = sweep(config, "guidance", [1.0, 7.5], StageCache(tmp_path / "stages"), toy_base)
+    low, high = (Path(config_at(config, "guidance", value).out) for value in (1.0, 7.5))
+    assert manifest_guidance(low, "attack") == {1.0} and manifest_guidance(high, "attack") == {7.5}
+    # The benign images keep the prompt set's guidance: the same images, so the same prior preservation.
+    assert manifest_guidance(low, "benign-base") == manifest_guidance(high, "benign-base") != {1.0}
+    assert points[0]["prior_preservation"] == points[1]["prior_preservation"]
+    assert points[0]["dsr"] != points[1]["dsr"]  # the base model draws stars far less often without guidance
+    assert [json.loads(point["run_config"])["guidance"] for point in points] == [1.0, 7.5]
+    write_curve(points, tmp_path / "curve.csv", tmp_path / "curve.png")
+    assert (tmp_path / "curve.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("value", [-1, "high", float("inf")])
+def test_a_bad_guidance_is_refused(tmp_path, value):
+    with pytest.raises(DuobenchError, match="guidance must be a finite number"):
+        check_run_config(replace(toy(tmp_path), guidance=value))
