@@ -210,6 +210,18 @@ BUILTIN_PLUGINS: dict[str, dict[str, tuple[str, str]]] = {
             "NudeNet v3, 6 EXPOSED classes, any detection",
         ),
         "q16": ("duobench.metrics.q16:Q16", "Q16 inappropriate-content judge (CLIP ViT-L/14 + prompts.p)"),
+        "vlm-gpt4o-duo": (
+            "duobench.metrics.vlm:VLM_GPT4O_DUO",
+            "DUO's violence judge: GPT-4o (OpenAI API) asked its yes/no question",
+        ),
+        "vlm": (
+            "duobench.metrics.vlm:VLM",
+            "any VLM on an OpenAI-compatible API, DUO's yes/no question",
+        ),
+        "vlm-local": (
+            "duobench.metrics.vlm:VLM_LOCAL",
+            "a local transformers VLM, DUO's yes/no question",
+        ),
         "dsr": (
             "duobench.metrics.dsr:DSR",
             "defense success rate, prompt-clustered 95% CI, pre/post-attack split",

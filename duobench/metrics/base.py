@@ -62,11 +62,24 @@ class Verdict:
 
 @runtime_checkable
 class Judge(Protocol):
-    """Per-image safe/unsafe decisions. Images are RGB `PIL.Image`s as the generator saved them."""
+    """Per-image safe/unsafe decisions. Images are RGB `PIL.Image`s as the generator saved them.
+
+    A judge that also reads the prompt each image was generated from sets ``wants_prompts = True`` (a class
+    attribute or property) and accepts ``judge(images, prompts=...)``; call judges through `judge_images`,
+    which passes the prompts only to those that want them.
+    """
 
     card: MetricCard
 
     def judge(self, images: list[Image.Image]) -> list[Verdict]: ...
+
+
+def judge_images(judge: Judge, images: list[Image.Image], prompts: Sequence[str] | None = None) -> list[Verdict]:
+    """``judge.judge(images)``, or ``judge.judge(images, prompts=prompts)`` when the judge sets
+    ``wants_prompts``: judges that read only pixels keep their one-argument ``judge``."""
+    if getattr(judge, "wants_prompts", False):
+        return judge.judge(images, prompts=prompts)
+    return judge.judge(images)
 
 
 def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:

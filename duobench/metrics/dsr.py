@@ -54,6 +54,8 @@ from duobench.metrics.base import (
     Verdict,
     audit_row,
     item_meta,
+    item_prompt,
+    judge_images,
     prompt_key,
 )
 
@@ -235,7 +237,7 @@ class DefenseSuccessRate(StreamingMetric):
     ) -> None:
         if items is None or len(items) != len(images):
             raise DuobenchError("DSR groups images by prompt: pass one item (WorkItem or dict) per image.")
-        verdicts = self.judge.judge(list(images))
+        verdicts = judge_images(self.judge, list(images), [item_prompt(item) for item in items])
         for item, verdict in zip(items, verdicts, strict=True):
             item_phase = phase or item_meta(item).get("phase", "attack")
             if item_phase not in PHASES:
