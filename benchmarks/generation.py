@@ -36,31 +36,28 @@ def naive_loop(pipe, items: list[WorkItem], out_dir: Path) -> None:
         image.save(out_dir / f"{index:05d}.png")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="tiny-random")
-    parser.add_argument("--items", type=int, default=256)
-    parser.add_argument("--batch-size", default="64")
-    parser.add_argument("--steps", type=int, default=20)
-    args = parser.parse_args()
-
-    pipe = load_pipeline(args.model, device="cpu")
+def work_items(pipe, count: int, steps: int) -> list[WorkItem]:
+    """``count`` distinct prompts at the pipeline's native size and sampler, CFG 7.5."""
     settings = default_sampler_settings(pipe)
-    items = [
+    return [
         WorkItem(
             prompt=f"a photo of object number {i}",
             seed=i,
-            steps=args.steps,
+            steps=steps,
             guidance=7.5,
             height=settings.height,
             width=settings.width,
             scheduler=settings.scheduler,
         )
-        for i in range(args.items)
+        for i in range(count)
     ]
+
+
+def naive_and_engine_seconds(pipe, items: list[WorkItem], batch_size: int | str) -> tuple[float, float]:
+    """Seconds for the naive loop, then for the engine, on the same items, each writing into a fresh folder."""
     from duobench.generator import use_scheduler
 
-    use_scheduler(pipe, settings.scheduler)  # the naive loop samples with the same sampler
+    use_scheduler(pipe, items[0].scheduler)  # the naive loop samples with the same sampler
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
         (scratch / "naive").mkdir()
@@ -75,12 +72,26 @@ def main() -> None:
             items,
             scratch / "run",
             store_root=scratch / "store",
-            batch_size=args.batch_size,
+            batch_size=batch_size,
         )
         engine_seconds = time.perf_counter() - start
+    return naive_seconds, engine_seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="tiny-random")
+    parser.add_argument("--items", type=int, default=256)
+    parser.add_argument("--batch-size", default="64")
+    parser.add_argument("--steps", type=int, default=20)
+    args = parser.parse_args()
+
+    pipe = load_pipeline(args.model, device="cpu")
+    items = work_items(pipe, args.items, args.steps)
+    naive_seconds, engine_seconds = naive_and_engine_seconds(pipe, items, args.batch_size)
 
     print(
-        f"model={args.model} items={args.items} steps={args.steps} size={settings.height}px "
+        f"model={args.model} items={args.items} steps={args.steps} size={items[0].height}px "
         f"threads={torch.get_num_threads()}"
     )
     print(f"naive loop (batch 1, one call per prompt): {args.items / naive_seconds:8.1f} images/s")

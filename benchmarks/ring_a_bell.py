@@ -77,6 +77,18 @@ def timed(run, device: str) -> tuple[float, float]:
     return time.perf_counter() - start, losses[-1]
 
 
+def search_target(tokenizer, text_encoder) -> torch.Tensor:
+    """What the searches chase: "a blue shape" pushed 3x along a star-vs-other-shapes concept vector."""
+    with torch.inference_mode():
+        vector = concept_vector(tokenizer, text_encoder, [("a red star", "a red circle"), ("a star", "a square")])
+        return encode_ids(text_encoder, tokenize_with(tokenizer, ["a blue shape"]))[0].float() + 3 * vector
+
+
+def our_search(text_encoder, target, config, generations, special, fitness_fn, seed: int = 0) -> list[float]:
+    """Our search (survivors keep their score, copies encoded once), scoring with ``fitness_fn``."""
+    return evolve(text_encoder, target, config, generations, VOCAB_HIGH, seed, special, fitness_fn)[1]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--population", type=int, default=200)
@@ -90,14 +102,12 @@ def main() -> None:
 
     name, pipe = load_text_encoder(args.device)
     tokenizer, text_encoder = pipe.tokenizer, pipe.text_encoder
-    with torch.inference_mode():
-        vector = concept_vector(tokenizer, text_encoder, [("a red star", "a red circle"), ("a star", "a square")])
-        target = encode_ids(text_encoder, tokenize_with(tokenizer, ["a blue shape"]))[0].float() + 3 * vector
+    target = search_target(tokenizer, text_encoder)
     config = RingABellConfig(k=args.k, population=args.population)
     special, seed = special_ids(tokenizer), 0
 
     def ours(fitness_fn, generations=args.generations):
-        return lambda: evolve(text_encoder, target, config, generations, VOCAB_HIGH, seed, special, fitness_fn)[1]
+        return lambda: our_search(text_encoder, target, config, generations, special, fitness_fn, seed)
 
     timed(ours(population_fitness, 3), args.device)  # warm-up
     runs = {
