@@ -24,6 +24,8 @@ SUMMARY_COLUMNS = (
     "dsr_pre_attack",
     "dsr_cumulative",
     "prior_preservation",
+    "close_prior_preservation",
+    "close_concepts",
     "clip_score",
     "fid",
     "kid",
@@ -74,6 +76,7 @@ def flat_row(summary: dict[str, Any]) -> dict[str, Any]:
     row["method_config"] = json.dumps(summary.get("method_config", {}), sort_keys=True)
     row["attack_config"] = json.dumps(summary.get("attack_config", {}), sort_keys=True)
     row["environment"] = json.dumps(summary.get("environment", {}), sort_keys=True)
+    row["close_concepts"] = json.dumps(summary.get("close_concepts", {}), sort_keys=True)
     return {column: row.get(column) for column in SUMMARY_COLUMNS}
 
 
@@ -211,6 +214,13 @@ def print_summary(summaries: list[dict[str, Any]]) -> None:
     }
     for (name, note), count in notes.items():
         console.print(f"[yellow]note[/] ({name} prompts): {count} row(s): {note}")
+    for s in summaries:
+        if s.get("close_concepts"):
+            distances = ", ".join(
+                f"{name} {entry['distance_mean']:.3f} ± {format_number(entry['distance_sd'])} (n {entry['n']})"
+                for name, entry in s["close_concepts"].items()
+            )
+            console.print(f"close concepts, {s['method']} vs base (distance mean ± sd): {distances}")
 
 
 def format_number(value: Any, spec: str = ".3f") -> str:

@@ -59,13 +59,14 @@ class RunPlan:
     attack: Any = None
     presets: dict[str, str] = field(default_factory=dict)
     fid_reference: FidReference | None = None
+    close: dict[str, PromptSet] = field(default_factory=dict)
+    """The concept's close concepts' prompt sets (each capped at ``benign_limit`` images)."""
 
 
 def plan_run(config: RunConfig) -> RunPlan:
     from duobench.attacks.base import Budget
     from duobench.attacks.run import fetch_sources, make_attack
     from duobench.methods import make_config
-    from duobench.prompts import load_prompt_set
     from duobench.registry import METHODS
     from duobench.run_config import check_run_config
     from duobench.validate import load_preset
@@ -83,6 +84,17 @@ def plan_run(config: RunConfig) -> RunPlan:
     presets = metric_presets(concept, config)
     for role, preset in {"judge": concept.judge, **presets}.items():
         load_preset(role, preset)
+    prompt_set, benign, close = load_prompt_sets(config, concept)
+    # Real reference images are downloaded or rendered now, so an offline machine fails before training.
+    fid_reference = resolve_fid_reference(config.fid_reference or concept.fid_reference, benign.rows)
+    return RunPlan(config, concept, prompt_set, benign, attack, presets, fid_reference, close)
+
+
+def load_prompt_sets(config: RunConfig, concept: Concept) -> tuple[PromptSet, PromptSet, dict[str, PromptSet]]:
+    """The run's evaluation prompt set, its benign set and its close concepts' sets, with the run's limits
+    (``benign_limit`` caps each close concept's images too)."""
+    from duobench.prompts import load_prompt_set
+
     set_name = config.prompt_set or concept.default_prompt_set
     if set_name not in concept.prompt_sets:
         raise DuobenchError(
@@ -90,9 +102,11 @@ def plan_run(config: RunConfig) -> RunPlan:
         )
     prompt_set = load_prompt_set(concept.prompt_sets[set_name], name=set_name, limit=config.limit)
     benign = load_prompt_set(concept.benign_prompts, name="benign", limit=config.benign_limit)
-    # Real reference images are downloaded or rendered now, so an offline machine fails before training.
-    fid_reference = resolve_fid_reference(config.fid_reference or concept.fid_reference, benign.rows)
-    return RunPlan(config, concept, prompt_set, benign, attack, presets, fid_reference)
+    close = {}
+    for name, spec in concept.close_concepts.items():
+        close_set = load_prompt_set(spec, name=name)
+        close[name] = replace(close_set, rows=close_set.rows[: config.benign_limit])
+    return prompt_set, benign, close
 
 
 @dataclass
@@ -345,8 +359,11 @@ def run(config: RunConfig, stages: StageCache | None = None, base=None) -> dict[
     metrics = benign_metrics(
         context.stages, context.plan.presets, context.plan.fid_reference, benign, base_paths, target_paths
     )
+    close = close_concepts_stage(context)
 
     summary = build_summary(context, judged, metrics, attack_card, len(attack_items))
+    summary["close_prior_preservation"] = close.get("prior_preservation")
+    summary["close_concepts"] = close.get("concepts", {})
     sheet = run_contact_sheet(context, attack_items, pre_items, dsr_paths)
     summary["seconds"] = round(time.perf_counter() - started, 2)
     summary["images_generated"] = sum_over_ranks(context.generated)
@@ -365,6 +382,21 @@ def run(config: RunConfig, stages: StageCache | None = None, base=None) -> dict[
         write_run_outputs(context.out, config, summary, judged["rows"] + benign_rows, sheet)
     barrier()  # every rank returns once the run's files are written
     return summary
+
+
+def close_concepts_stage(context: RunContext) -> dict[str, Any]:
+    """The close concepts' images on the base and the evaluated model, and their distances
+    (`duobench.metrics.benign.close_concept_metrics`); empty when the concept names none."""
+    from duobench.metrics.benign import close_concept_metrics
+    from duobench.prompts import to_work_items
+
+    inputs = {}
+    for name, prompt_set in context.plan.close.items():
+        items = to_work_items(prompt_set.rows, context.settings)
+        folder = "".join(c if c.isalnum() else "-" for c in name)
+        base_paths = generate_images(context, context.base, items, f"close-base-{folder}")
+        inputs[name] = (items, base_paths, generate_images(context, context.target, items, f"close-target-{folder}"))
+    return close_concept_metrics(context.stages, context.plan.presets["prior_preservation"], inputs)
 
 
 def run_contact_sheet(

@@ -167,16 +167,13 @@ def plan_workload(config: RunConfig):
     from duobench.attacks.run import make_attack
     from duobench.concepts import load_concept
     from duobench.models import default_device, load_pipeline, pipeline_fingerprint
-    from duobench.prompts import load_prompt_set
     from duobench.run_config import apply_threads
-    from duobench.runner import RunPlan
+    from duobench.runner import RunPlan, load_prompt_sets
     from duobench.workload import artifact_cached, run_workload
 
     apply_threads(config)
     concept = load_concept(config.concept)
-    set_name = config.prompt_set or concept.default_prompt_set
-    prompt_set = load_prompt_set(concept.prompt_sets[set_name], name=set_name, limit=config.limit)
-    benign = load_prompt_set(concept.benign_prompts, name="benign", limit=config.benign_limit)
+    prompt_set, benign, close = load_prompt_sets(config, concept)
     attack = None
     if config.attack != "none":
         attack = make_attack(config.attack, attack_options(concept, config.attack, config.attack_options))
@@ -185,7 +182,8 @@ def plan_workload(config: RunConfig):
     if config.method != "none" and model_on_disk(config.model):
         pipe = load_pipeline(config.model, device=device)
         trained = artifact_cached(config, concept, pipe, pipeline_fingerprint(pipe))
-    return run_workload(RunPlan(config, concept, prompt_set, benign, attack), device.type, trained)
+    plan = RunPlan(config, concept, prompt_set, benign, attack, close=close)
+    return run_workload(plan, device.type, trained)
 
 
 def model_on_disk(model: str) -> bool:

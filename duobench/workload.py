@@ -225,6 +225,9 @@ def run_workload(plan, device: str, trained: bool | None = None) -> Workload:
         "benign unlearned": len(benign) if method != "none" else 0,
         "contact sheet": min(8, distinct_prompts) if method != "none" else 0,
     }
+    close = sum(len(close_set.rows) for close_set in plan.close.values())
+    images["close concepts base"] = close
+    images["close concepts unlearned"] = close if method != "none" else 0
     loads = 1 + (method != "none") + (attack != "none" and _produces_edit(plan.attack))
     stages = [
         Stage("load models", f"{loads} model load(s)", [(loads, "model load")]),
@@ -243,7 +246,11 @@ def run_workload(plan, device: str, trained: bool | None = None) -> Workload:
             [(other, "image")],
         )
     )
-    stages.append(Stage("metrics", f"{len(benign)} benign pairs", [(len(benign), "metric image")]))
+    if close:
+        pairs = images["close concepts base"] + images["close concepts unlearned"]
+        work = f"{close} base + {images['close concepts unlearned']} unlearned ({', '.join(plan.close)})"
+        stages.append(Stage("close-concept images", work, [(pairs, "image")]))
+    stages.append(Stage("metrics", f"{len(benign) + close} pairs", [(len(benign) + close, "metric image")]))
     return Workload(config.model, device, images, stages, cost_table(config.model, device))
 
 

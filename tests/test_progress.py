@@ -147,19 +147,27 @@ def test_a_toy_run_shows_its_plan_and_every_stages_progress_and_quiet_silences_t
         threads=1,
     )
     planned = plan_workload(config)  # what `duobench validate` prints, with the same options
-    assert planned.images == {"attack": 4, "pre-attack": 4, "benign base": 4, "benign unlearned": 4, "contact sheet": 1}
+    assert planned.images == {
+        "attack": 4,
+        "pre-attack": 4,
+        "benign base": 4,
+        "benign unlearned": 4,
+        "contact sheet": 1,
+        "close concepts base": 2,  # a square and a triangle: --benign-limit caps each close concept too
+        "close concepts unlearned": 2,
+    }
     stages = {row[0]: row for row in planned.rows()}
     assert stages["esd-x training"][1] == "3 iterations (not trained yet)"
     assert stages["Ring-A-Bell"][1] == "1 search x 5 generations (population 16)"
-    assert stages["total"][1] == "17 images" and stages["total"][2].startswith("about ")
+    assert stages["total"][1] == "21 images" and stages["total"][2].startswith("about ")
 
     command = [sys.executable, "-m", "duobench.cli", "--threads", "1", *toy_run_args(tmp_path / "run")]
     result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "DUOBENCH_HOME": str(home)})
     assert result.returncode == 0, result.stderr
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["images_generated"] == planned.total_images == 17  # a cold cache generates exactly the plan
+    assert summary["images_generated"] == planned.total_images == 21  # a cold cache generates exactly the plan
     log = result.stderr
-    assert "plan for toy on cpu:" in log and "3 iterations (not trained yet)" in log and "17 images" in log
+    assert "plan for toy on cpu:" in log and "3 iterations (not trained yet)" in log and "21 images" in log
     assert "esd-x training: started, 3 iterations" in log
     assert re.search(r"esd-x training: 3/3 iterations \(100%\), \d:\d\d:\d\d elapsed, loss [0-9.e-]+", log)
     assert re.search(r"ring-a-bell: 4/4 prompts \(100%\), .*last loss [0-9.e+-]+", log)

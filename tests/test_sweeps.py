@@ -4,6 +4,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from duobench.curves import config_at, sweep, write_curve
@@ -58,3 +59,22 @@ def test_a_guidance_sweep_changes_only_the_evaluated_images(tmp_path, toy_base):
 def test_a_bad_guidance_is_refused(tmp_path, value):
     with pytest.raises(DuobenchError, match="guidance must be a finite number"):
         check_run_config(replace(toy(tmp_path), guidance=value))
+
+
+def test_close_concepts_report_the_distance_to_the_base_models_images_per_concept(tmp_path, toy_base):
+    from duobench.runner import run
+
+    stages = StageCache(tmp_path / "stages")
+    none = run(toy(tmp_path / "none", method="none", benign_limit=3), stages, toy_base)
+    uce = run(toy(tmp_path / "uce", method="uce", benign_limit=3), stages, toy_base)
+    # The star concept's close concepts: squares and triangles, capped like the benign set (3 images each).
+    assert list(uce["close_concepts"]) == ["square", "triangle"]
+    assert all(entry["n"] == 3 for entry in uce["close_concepts"].values())
+    assert none["close_concepts"]["square"] == {"distance_mean": 0.0, "distance_sd": 0.0, "n": 3}
+    assert none["close_prior_preservation"] == 1.0
+    entries = uce["close_concepts"].values()
+    assert all(entry["distance_mean"] > 0 and entry["distance_sd"] >= 0 for entry in entries)
+    mean = sum(entry["distance_mean"] for entry in entries) / 2  # equal n: the overall mean of the distances
+    assert uce["close_prior_preservation"] == pytest.approx(1 - mean)
+    rows = pd.read_csv(tmp_path / "uce" / "summary.csv")
+    assert json.loads(rows["close_concepts"][0]) == json.loads(json.dumps(uce["close_concepts"]))

@@ -56,6 +56,10 @@ class Concept:
     prompt_sets: dict[str, PromptSetSpec]
     benign_prompts: PromptSetSpec
     """Prompts whose images should not change: prior preservation, FID and CLIP score run on them."""
+    close_concepts: dict[str, PromptSetSpec] = field(default_factory=dict)
+    """Visually similar concepts that should survive the erasure (DUO's Table 3: "man" and "woman" after
+    nudity), each a prompt set: the distance between the base and the unlearned model's images of them, per
+    concept (mean and sd), beside the benign prior preservation."""
     erase_words: tuple[str, ...] = ()
     synonyms: tuple[str, ...] = ()
     guide_prompt: str = ""
@@ -142,9 +146,9 @@ TRAINING_BLIND_FIELDS = (
 entry for the method is resolved into the method's config (which its key hashes anyway)."""
 
 
-APPLICABILITY_FIELDS = ("model_families",)
-"""Concept fields that say where a concept applies, not what it computes: in no key, so declaring them
-recomputes nothing."""
+KEYLESS_FIELDS = ("model_families", "close_concepts")
+"""Concept fields in no key, so declaring them recomputes nothing: where a concept applies, and the close
+concepts (their images are keyed by their own prompts, and their metric by those images)."""
 
 
 def concept_identity(concept: Concept, without: tuple[str, ...] = ()) -> Any:
@@ -154,7 +158,7 @@ def concept_identity(concept: Concept, without: tuple[str, ...] = ()) -> Any:
     if not concept.path:
         return concept.name
     parsed = _without_descriptions(yaml.safe_load(Path(concept.path).read_text()))
-    return {key: value for key, value in parsed.items() if key not in without and key not in APPLICABILITY_FIELDS}
+    return {key: value for key, value in parsed.items() if key not in without and key not in KEYLESS_FIELDS}
 
 
 def training_identity(concept: Concept) -> Any:
@@ -211,6 +215,7 @@ def _concept_from_dict(raw: dict[str, Any], path: Path) -> Concept:
         judge=raw["judge"],
         prompt_sets=prompt_sets,
         benign_prompts=_prompt_set(raw["benign_prompts"], base),
+        close_concepts={str(name): _prompt_set(spec, base) for name, spec in (raw.get("close_concepts") or {}).items()},
         erase_words=tuple(raw.get("erase_words", ())),
         synonyms=tuple(raw.get("synonyms", ())),
         guide_prompt=raw.get("guide_prompt", ""),

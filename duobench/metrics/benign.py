@@ -33,6 +33,12 @@ def preset_identity(preset: str) -> dict[str, Any]:
     return card_identity(METRICS.get(preset).card)
 
 
+def preset_card_id(preset: str) -> str:
+    from duobench.registry import METRICS
+
+    return METRICS.get(preset).card.id
+
+
 def benign_metrics(
     stages: StageCache,
     presets: dict[str, str],
@@ -93,6 +99,42 @@ def benign_metrics(
     }
     results["fid"] = stages.run("fid", payload, frechet)
     return results
+
+
+def close_concept_metrics(
+    stages: StageCache,
+    preset: str,
+    concepts: dict[str, tuple[list[WorkItem], list[Path], list[Path]]],
+) -> dict[str, Any]:
+    """The base model's and the evaluated model's images of each close concept compared, as DUO's Table 3
+    compares them: per concept the mean and sample sd of the per-image distance (LPIPS on SD; the prior
+    preservation preset's distance), and over all of them the prior preservation (1 - mean distance).
+
+    ``concepts`` maps a close concept's name to (items, base image paths, evaluated image paths), in order.
+    Cached by the image keys and the preset's card. Empty without close concepts."""
+    if not concepts:
+        return {}
+
+    def compute() -> dict[str, Any]:
+        per_concept, similarities = {}, []
+        for name, (items, base_paths, target_paths) in concepts.items():
+            rows = _prior_preservation(preset, items, base_paths, target_paths)["rows"]
+            distances = [1.0 - row["prior_preservation"] for row in rows]
+            similarities += [row["prior_preservation"] for row in rows]
+            mean = sum(distances) / len(distances)
+            spread = (sum((d - mean) ** 2 for d in distances) / (len(distances) - 1)) ** 0.5 if len(rows) > 1 else None
+            per_concept[name] = {"distance_mean": mean, "distance_sd": spread, "n": len(rows)}
+        return {
+            "metric": preset_card_id(preset),
+            "prior_preservation": sum(similarities) / len(similarities),
+            "concepts": per_concept,
+        }
+
+    payload = {
+        "card": preset_identity(preset),
+        "concepts": {name: [[p.stem for p in a], [p.stem for p in b]] for name, (_, a, b) in concepts.items()},
+    }
+    return stages.run("close_concepts", payload, compute)
 
 
 def _fid(preset: str, reference: FidReference, base_paths: list[Path], target_paths: list[Path]) -> dict[str, Any]:
