@@ -87,14 +87,71 @@ def curve_rows(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def write_curve(points: list[dict[str, Any]], csv_path: Path, png_path: Path, title: str = "") -> None:
-    """The curve as CSV and as a PNG: one panel per attack, one line per method, CI bars on DSR."""
-    import io
+def write_grid_figure(rows: list[dict[str, Any]], png_path: Path, title: str = "") -> None:
+    """A leaderboard as a figure: one panel per attack, DSR against prior preservation, one colour per
+    method. Each training (seed) is a small dot; a method's mean over its trainings is a large marker with
+    the range of its trainings' DSR intervals (one training: its own interval) as the error bar."""
+    import pandas as pd
 
+    frame = pd.DataFrame(rows)
+    attacks = list(dict.fromkeys(frame["attack"]))
+    methods = list(dict.fromkeys(frame["method"]))
+    colours = {method: f"C{n % 10}" for n, method in enumerate(methods)}
+    figure, axes = _panels(len(attacks))
+    for axis, attack in zip(axes, attacks, strict=True):
+        for method, group in frame[frame["attack"] == attack].groupby("method", sort=False):
+            x, y = group["prior_preservation"].astype(float), group["dsr"].astype(float)
+            axis.scatter(x, y, s=12, alpha=0.45, color=colours[method])
+            low, high = group["dsr_ci_low"].astype(float).min(), group["dsr_ci_high"].astype(float).max()
+            errors = [[y.mean() - low], [high - y.mean()]]
+            axis.errorbar(x.mean(), y.mean(), yerr=errors, marker="o", ms=7, capsize=3, color=colours[method])
+            axis.annotate(method, (x.mean(), y.mean()), fontsize=7, textcoords="offset points", xytext=(4, 4))
+        _label(axis, f"attack: {attack}", "prior preservation (1 - distance)")
+    _save(figure, png_path, title)
+
+
+def _panels(count: int, columns: int = 4):
+    """A figure with ``count`` panels, at most ``columns`` per row; returns (figure, the panels in order)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    rows = -(-count // columns)
+    width = min(count, columns)
+    figure, axes = plt.subplots(rows, width, figsize=(4.5 * width, 4 * rows), squeeze=False)
+    panels = [axis for row in axes for axis in row]
+    for axis in panels[count:]:
+        axis.set_visible(False)
+    return figure, panels[:count]
+
+
+def _label(axis, title: str, xlabel: str) -> None:
+    axis.set_title(title)
+    axis.set_xlabel(xlabel)
+    axis.set_ylabel("defense success rate")
+    axis.set_ylim(-0.02, 1.02)
+    axis.grid(alpha=0.3)
+
+
+def _save(figure, png_path: Path, title: str) -> None:
+    import io
+
+    import matplotlib.pyplot as plt
+
+    from duobench.cache import atomic_write_bytes
+
+    if title:
+        figure.suptitle(title)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=120)
+    plt.close(figure)
+    atomic_write_bytes(png_path, buffer.getvalue())
+
+
+def write_curve(points: list[dict[str, Any]], csv_path: Path, png_path: Path, title: str = "") -> None:
+    """The curve as CSV and as a PNG: one panel per attack, one line per method, CI bars on DSR."""
     import pandas as pd
 
     from duobench.cache import atomic_write_bytes
@@ -102,8 +159,9 @@ def write_curve(points: list[dict[str, Any]], csv_path: Path, png_path: Path, ti
     frame = pd.DataFrame(curve_rows(points), columns=list(CURVE_COLUMNS))
     atomic_write_bytes(csv_path, frame.to_csv(index=False).encode())
     attacks = list(dict.fromkeys(frame["attack"]))
-    figure, axes = plt.subplots(1, len(attacks), figsize=(4.5 * len(attacks), 4), squeeze=False)
-    for axis, attack in zip(axes[0], attacks, strict=True):
+    figure, axes = _panels(len(attacks), columns=len(attacks))
+    guidance_only = set(frame["knob"]) == {"guidance"}
+    for axis, attack in zip(axes, attacks, strict=True):
         for (method, knob), group in frame[frame["attack"] == attack].groupby(["method", "knob"], sort=False):
             x = "value" if knob == "guidance" else "prior_preservation"
             group = group.sort_values(x)
@@ -117,17 +175,7 @@ def write_curve(points: list[dict[str, Any]], csv_path: Path, png_path: Path, ti
                     textcoords="offset points",
                     xytext=(3, 3),
                 )
-        axis.set_title(f"attack: {attack}")
-        guidance_only = set(frame["knob"]) == {"guidance"}
-        axis.set_xlabel("classifier-free guidance scale" if guidance_only else "prior preservation (1 - distance)")
-        axis.set_ylabel("defense success rate")
-        axis.set_ylim(-0.02, 1.02)
-        axis.grid(alpha=0.3)
+        xlabel = "classifier-free guidance scale" if guidance_only else "prior preservation (1 - distance)"
+        _label(axis, f"attack: {attack}", xlabel)
         axis.legend(fontsize=8)
-    if title:
-        figure.suptitle(title)
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=120)
-    plt.close(figure)
-    atomic_write_bytes(png_path, buffer.getvalue())
+    _save(figure, png_path, title)

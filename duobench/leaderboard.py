@@ -286,9 +286,12 @@ def _number(value: Any) -> float:
 
 
 def write_leaderboard(rows: list[dict[str, Any]], csv_path: Path) -> Path:
-    """The CSV and its Markdown rendering beside it (same stem, ``.md``); with several trainings per method,
-    also ``<stem>-seeds.csv``, the mean and spread over training seeds (in the Markdown too)."""
+    """The CSV, its Markdown rendering and its figure beside it (same stem, ``.md``, ``.png``: DSR against
+    prior preservation per attack); with several trainings per method, also ``<stem>-seeds.csv``, the mean and
+    spread over training seeds (in the Markdown too)."""
     import pandas as pd
+
+    from duobench.curves import write_grid_figure
 
     frame = pd.DataFrame(rows, columns=list(LEADERBOARD_COLUMNS))
     text = markdown(frame)
@@ -298,6 +301,7 @@ def write_leaderboard(rows: list[dict[str, Any]], csv_path: Path) -> Path:
         atomic_write_bytes(seeds_path(csv_path), pd.DataFrame(spread).to_csv(index=False).encode())
         text += "\n" + spread_markdown(spread)
     atomic_write_bytes(csv_path.with_suffix(".md"), text.encode())
+    write_grid_figure(rows, csv_path.with_suffix(".png"), title=csv_path.stem)
     return csv_path
 
 

@@ -78,6 +78,7 @@ def test_grid_leaderboard_curve_and_cache(tmp_path, toy_base):
     rerun_config, _ = resolve_run_config(tmp_path / "row.json", {"out": str(tmp_path / "rerun")})
     assert reproducible_config(rerun_config) == json.loads(uce_row["run_config"])
     assert (tmp_path / "toy-star.md").read_text().count("| uce |") == 2
+    assert (tmp_path / "toy-star.png").read_bytes()[:4] == b"\x89PNG"  # DSR against prior preservation
     for method in ("none", "uce"):
         for attack in ("none", "ring-a-bell"):
             run_dir = tmp_path / "runs" / f"{method}__{attack}"
