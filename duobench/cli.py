@@ -603,12 +603,50 @@ def validate(
     console.print(plan)
 
 
+reproduce_app = typer.Typer(help="Reproduce a paper's evaluation through the normal cached stages.")
+
+
+@reproduce_app.command("duo-paper")
+def reproduce_duo_paper(
+    model: str = typer.Option("CompVis/stable-diffusion-v1-4", help="Model: an SD model, or toy (CPU, star)."),
+    concept: str | None = typer.Option(None, help="nudity or violence on SD; star on toy (the default there)."),
+    attacks: str = typer.Option(
+        "sneakyprompt,ring-a-bell,concept-inversion,unlearndiffatk", help="Which of the paper's attacks."
+    ),
+    limit: int | None = typer.Option(None, help="Only the first N prompts (x seeds)."),
+    benign_limit: int | None = typer.Option(None, help="Only the first N benign prompts (and close-concept images)."),
+    attack_steps: int | None = typer.Option(None, help="Attack budget: optimisation steps."),
+    out: Path = typer.Option(Path("reports/duo-paper"), help="Report folder (report.md, figures, runs/)."),
+    device: str | None = typer.Option(None, help="cuda, cpu, ..."),
+) -> None:
+    """The DUO paper's Fig. 4 (DSR vs prior preservation per attack), Tables 1-3 (FID, CLIP score,
+    close-concept LPIPS) and Fig. 9 (the base_lambda ablation), beside its published values where stated."""
+    from duobench.reproduce import paper_setting, reproduce_duo_paper
+    from duobench.run_config import RunConfig, check_run_config
+
+    setting = paper_setting(model, concept)  # an unsupported combination fails before anything loads
+    config = check_run_config(
+        RunConfig(
+            model=model,
+            concept=concept or setting.concept,
+            limit=limit,
+            benign_limit=benign_limit,
+            attack_steps=attack_steps,
+            device=device,
+        )
+    )
+    chosen = tuple(a.strip() for a in attacks.split(",") if a.strip())
+    report = reproduce_duo_paper(config, out, chosen)
+    console.print(f"report: {out / 'report.md'} ({len(report.curve_points) + len(report.ablation_points)} runs)")
+
+
 def _mount_subcommands() -> None:
     from duobench.duo.cli import duo_app
     from duobench.toy.cli import toy_app
 
     app.add_typer(toy_app, name="toy")
     app.add_typer(duo_app, name="duo")
+    app.add_typer(reproduce_app, name="reproduce")
 
 
 _mount_subcommands()
