@@ -129,12 +129,14 @@ METHODS: Registry[Any] = Registry("method", "duobench.methods")
 ATTACKS: Registry[Any] = Registry("attack", "duobench.attacks")
 METRICS: Registry[Any] = Registry("metric", "duobench.metrics")
 MODELS: Registry[Any] = Registry("model", "duobench.models")
+GUARDS: Registry[Any] = Registry("guard", "duobench.guards")
 
 ALL_REGISTRIES: dict[str, Registry[Any]] = {
     "methods": METHODS,
     "attacks": ATTACKS,
     "metrics": METRICS,
     "models": MODELS,
+    "guards": GUARDS,
 }
 
 
@@ -184,6 +186,12 @@ BUILTIN_PLUGINS: dict[str, dict[str, tuple[str, str]]] = {
         "finetune": (
             "duobench.attacks.finetune:Finetune",
             "benign fine-tuning (arXiv 2412.00357): LoRA or full fine-tune on benign data, returns a model edit",
+        ),
+    },
+    "guards": {
+        "keyword-filter": (
+            "duobench.guards.keyword_filter:KeywordFilter",
+            "blocklist prompt filter: refuses a prompt holding one of the concept's words (whole words)",
         ),
     },
     "metrics": {
