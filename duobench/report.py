@@ -33,6 +33,9 @@ SUMMARY_COLUMNS = (
     "n_prompts",
     "n_seeds",
     "n_benign",
+    "guard",
+    "false_refusal_rate",
+    "n_benign_refused",
     "card_dsr",
     "card_judge",
     "card_prior_preservation",
@@ -215,6 +218,13 @@ def print_summary(summaries: list[dict[str, Any]]) -> None:
     for (name, note), count in notes.items():
         console.print(f"[yellow]note[/] ({name} prompts): {count} row(s): {note}")
     for s in summaries:
+        if s.get("guard"):
+            low, high = s["false_refusal_ci"]
+            console.print(
+                f"guard {s['guard']}: {s['refused']} attack-phase requests refused (counted as defended); "
+                f"false refusals on benign prompts {s['false_refusal_rate']:.3f} [{low:.3f}, {high:.3f}] "
+                f"({s['n_benign_refused']} refused; metrics on the {s['n_benign']} allowed)"
+            )
         if s.get("close_concepts"):
             distances = ", ".join(
                 f"{name} {entry['distance_mean']:.3f} ± {format_number(entry['distance_sd'])} (n {entry['n']})"

@@ -46,6 +46,10 @@ class RunConfig:
     folder of real images or a clean-fid ``.npz``; empty: the concept's ``fid_reference``."""
     metrics: dict[str, str] = field(default_factory=dict)
     """Overrides of the concept's metric presets (prior_preservation, clip_score, fid)."""
+    guard: str = "none"
+    """A guard in front of or behind the evaluated model (`duobench ls guards`); its refusals count as
+    defended, and its false refusals on the benign prompts are reported (`duobench.guards.base`)."""
+    guard_options: dict[str, Any] = field(default_factory=dict)
     guidance: float | None = None
     """The classifier-free guidance scale of the attack-phase and pre-attack images, replacing each prompt row's
     own and the concept's; None keeps those. The attack itself still searches at the rows' guidance, and the
@@ -135,10 +139,10 @@ def check_run_config(config: RunConfig) -> RunConfig:
         resolve_batch_size(config.batch_size, torch.device("cpu"))
     except DuobenchError as error:
         problems.append(str(error).rstrip("."))
-    for name in ("method_options", "attack_options", "metrics"):
+    for name in ("method_options", "attack_options", "guard_options", "metrics"):
         if not isinstance(getattr(config, name), dict):
             problems.append(f"{name} must be a mapping, got {getattr(config, name)!r}")
-    for name in ("method", "attack", "concept", "model", "prompt_set", "fid_reference", "out"):
+    for name in ("method", "attack", "guard", "concept", "model", "prompt_set", "fid_reference", "out"):
         if not isinstance(getattr(config, name), str):
             problems.append(f"{name} must be text, got {getattr(config, name)!r}")
     if problems:

@@ -61,6 +61,8 @@ class RunPlan:
     fid_reference: FidReference | None = None
     close: dict[str, PromptSet] = field(default_factory=dict)
     """The concept's close concepts' prompt sets (each capped at ``benign_limit`` images)."""
+    guard: Any = None
+    """The run's guard (`duobench.guards.base.Guard`), built and checked, not yet prepared; None without."""
 
 
 def plan_run(config: RunConfig) -> RunPlan:
@@ -81,13 +83,19 @@ def plan_run(config: RunConfig) -> RunPlan:
         attack = make_attack(config.attack, attack_options(concept, config.attack, config.attack_options))
         Budget(steps=config.attack_steps, queries=config.attack_queries)
         fetch_sources(attack, concept)
+    guard = None
+    if config.guard != "none":
+        from duobench.guards.base import check_independent, make_guard
+
+        guard = make_guard(config.guard, config.guard_options)
+        check_independent(guard, concept.judge)
     presets = metric_presets(concept, config)
     for role, preset in {"judge": concept.judge, **presets}.items():
         load_preset(role, preset)
     prompt_set, benign, close = load_prompt_sets(config, concept)
     # Real reference images are downloaded or rendered now, so an offline machine fails before training.
     fid_reference = resolve_fid_reference(config.fid_reference or concept.fid_reference, benign.rows)
-    return RunPlan(config, concept, prompt_set, benign, attack, presets, fid_reference, close)
+    return RunPlan(config, concept, prompt_set, benign, attack, presets, fid_reference, close, guard)
 
 
 def load_prompt_sets(config: RunConfig, concept: Concept) -> tuple[PromptSet, PromptSet, dict[str, PromptSet]]:
@@ -137,6 +145,19 @@ class RunContext:
     def concept(self) -> Concept:
         return self.plan.concept
 
+    @property
+    def guard(self):
+        """The run's guard, prepared for the concept (`prepare`); None without one."""
+        return self.plan.guard
+
+
+NO_BENIGN_METRICS: dict[str, Any] = {
+    "prior_preservation": {"prior_preservation": None, "n_pairs": 0, "metric": None, "rows": []},
+    "clip_score": {"clip_score": None, "rows": []},
+    "fid": {},
+}
+"""The benign metrics of a run whose guard allowed no benign prompt."""
+
 
 def load_system(config: RunConfig, base: System, edits: list[Edit]) -> System:
     """A fresh copy of the base model with ``edits`` applied (the base system itself when there are none)."""
@@ -175,6 +196,8 @@ def prepare(
     base_system = build_system(base_pipe, pipeline_fingerprint(base_pipe))
     if show_plan:
         log_plan(plan, base_pipe, base_system.fingerprint)  # images, trainings (cached?), attack steps, estimate
+    if plan.guard is not None:
+        plan.guard.prepare(concept, base_pipe)  # a learned guard trains or loads its weights here
     context = RunContext(
         plan=plan,
         base=base_system,
@@ -300,6 +323,7 @@ def generate_and_judge_stage(
     pre/post-attack split, plus one audit row per image. Returns the image paths (attack items, then
     pre-attack items) and the judge result, cached by the image keys, the judge's card and the DSR card
     (its interval)."""
+    from duobench.guarding import judge_guarded
     from duobench.judged_generation import generate_and_judge
     from duobench.metrics.base import sync_state
     from duobench.metrics.dsr import DSR, build_judge
@@ -311,6 +335,11 @@ def generate_and_judge_stage(
         metric = DSR(judge=build_judge(context.concept.judge))
         paths, rows = [], []
         for name, system, items in segments:
+            if context.guard is not None:
+                segment_paths, segment_rows = judge_guarded(context, metric, name, system, items)
+                paths += segment_paths
+                rows += segment_rows
+                continue
             report, segment_rows = generate_and_judge(
                 system.generator,
                 system.fingerprint,
@@ -334,18 +363,23 @@ def generate_and_judge_stage(
         "prompts": [item.meta["prompt_id"] for _, _, items in segments for item in items],
         "judge": preset_identity(context.concept.judge),
         "dsr": DSR.card.id,
+        **({"guard": context.guard.identity()} if context.guard is not None else {}),
     }
     judged = context.stages.run("judge", payload, compute)
-    # A cached verdict still needs its images (contact sheet, audit links): fetch or regenerate them.
-    paths = fresh.get("paths") or [
-        path for name, system, items in segments for path in generate_images(context, system, items, name)
-    ]
+    # A cached verdict still needs its images (contact sheet, audit links): fetch or regenerate them; an
+    # item a prompt guard refused has none.
+    paths = fresh.get("paths")
+    if paths is None and context.guard is not None:
+        paths = [Path(row["image"]) if row.get("image") else None for row in judged["rows"]]
+    if paths is None:
+        paths = [path for name, system, items in segments for path in generate_images(context, system, items, name)]
     return paths, judged
 
 
 def run(config: RunConfig, stages: StageCache | None = None, base=None) -> dict[str, Any]:
     """Run every stage and write the report; returns the summary dict (also ``summary.json``)."""
     from duobench.distributed import barrier, process_info, sum_over_ranks
+    from duobench.guarding import benign_refusals
     from duobench.report import write_run_outputs
 
     started = time.perf_counter()
@@ -356,14 +390,28 @@ def run(config: RunConfig, stages: StageCache | None = None, base=None) -> dict[
     benign = benign_items(context)
     base_paths = generate_images(context, context.base, benign, "benign-base")
     target_paths = generate_images(context, context.target, benign, "benign-target")
-    metrics = benign_metrics(
-        context.stages, context.plan.presets, context.plan.fid_reference, benign, base_paths, target_paths
+    allowed, refusals = benign_refusals(context, benign, target_paths)  # every item without a guard
+    metrics = (
+        benign_metrics(
+            context.stages,
+            context.plan.presets,
+            context.plan.fid_reference,
+            [benign[i] for i in allowed],
+            [base_paths[i] for i in allowed],
+            [target_paths[i] for i in allowed],
+        )
+        if allowed
+        else NO_BENIGN_METRICS  # the guard refused every benign prompt: nothing to compare
     )
     close = close_concepts_stage(context)
 
     summary = build_summary(context, judged, metrics, attack_card, len(attack_items))
     summary["close_prior_preservation"] = close.get("prior_preservation")
     summary["close_concepts"] = close.get("concepts", {})
+    if context.guard is not None:
+        refused = sum(bool(row.get("refused")) for row in judged["rows"] if row.get("phase") == "attack")
+        summary |= {"guard": config.guard, "guard_identity": context.guard.identity(), "refused": refused}
+        summary |= refusals
     sheet = run_contact_sheet(context, attack_items, pre_items, dsr_paths)
     summary["seconds"] = round(time.perf_counter() - started, 2)
     summary["images_generated"] = sum_over_ranks(context.generated)
@@ -420,7 +468,7 @@ def run_contact_sheet(
     base_paths = generate_images(context, context.base, plain_sample, "sheet-base")
     columns = [
         ("base model", load_images(base_paths)),
-        (f"{context.config.method} (plain)", load_images([path_of[id(item)] for item in plain_sample])),
+        (f"{context.config.method} (plain)", images_or_refused([path_of[id(item)] for item in plain_sample])),
     ]
     if pre_items:
         attacked_by_prompt: dict[str, WorkItem] = {}
@@ -431,10 +479,25 @@ def run_contact_sheet(
             columns.append(
                 (
                     f"{context.config.method} + {context.config.attack}",
-                    load_images([path_of[id(item)] for item in attacked]),
+                    images_or_refused([path_of[id(item)] for item in attacked]),
                 )
             )
     return contact_sheet(columns, [item.prompt for item in plain_sample])
+
+
+def images_or_refused(paths: list[Path | None]) -> list[Image.Image]:
+    """The images at ``paths``; a grey "refused" tile where a prompt guard refused the item (no path)."""
+    from PIL import ImageDraw
+
+    images = []
+    for path in paths:
+        if path is None:
+            tile = Image.new("RGB", (128, 128), (200, 200, 200))
+            ImageDraw.Draw(tile).text((36, 58), "refused", fill="black")
+            images.append(tile)
+        else:
+            images += load_images([path])
+    return images
 
 
 def build_summary(

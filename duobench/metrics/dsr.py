@@ -237,7 +237,11 @@ class DefenseSuccessRate(StreamingMetric):
     ) -> None:
         if items is None or len(items) != len(images):
             raise DuobenchError("DSR groups images by prompt: pass one item (WorkItem or dict) per image.")
-        verdicts = judge_images(self.judge, list(images), [item_prompt(item) for item in items])
+        self.record(items, judge_images(self.judge, list(images), [item_prompt(item) for item in items]), phase)
+
+    def record(self, items: Sequence[Any], verdicts: Sequence[Verdict], phase: str | None = None) -> None:
+        """Count verdicts made without this metric's judge: a guard's refusals, which are defended requests
+        with no image (`duobench.guards.base`); `update` records the judge's verdicts through it."""
         for item, verdict in zip(items, verdicts, strict=True):
             item_phase = phase or item_meta(item).get("phase", "attack")
             if item_phase not in PHASES:
