@@ -362,6 +362,7 @@ def leaderboard(
     concept: str | None = typer.Option(None, help="Concept name or YAML file."),
     methods: str = typer.Option("none,duo,esd-u,uce,spm", help="Comma-separated methods ('none' = base model)."),
     attacks: str = typer.Option("none,ring-a-bell", help="Comma-separated attacks."),
+    guards: str = typer.Option("none", help="Comma-separated guards: every cell once per guard ('none': unguarded)."),
     model: str | None = typer.Option(None, help="Model: registered name, HF id, folder or file."),
     limit: int | None = typer.Option(None, help="Only the first N prompts (x seeds)."),
     benign_limit: int | None = typer.Option(None, help="Only the first N benign prompts."),
@@ -432,6 +433,7 @@ def leaderboard(
     stages = StageCache()
     method_list = [m.strip() for m in methods.split(",") if m.strip()]
     attack_list = [a.strip() for a in attacks.split(",") if a.strip()]
+    guard_list = [g.strip() for g in guards.split(",") if g.strip()] or ["none"]
     seeds = _int_list(training_seeds, "--training-seeds") if training_seeds else None
     if shard and (merge or sweep):
         raise DuobenchError("--shard runs cells; --merge and --sweep come afterwards, in one process without --shard.")
@@ -442,14 +444,16 @@ def leaderboard(
 
     csv_path = leaderboard_path(folder, run_config.model, load_concept(run_config.concept).name)
     if merge:
-        rows, summaries = merge_grid(run_config, method_list, attack_list, seeds)
+        rows, summaries = merge_grid(run_config, method_list, attack_list, seeds, guard_list)
         write_leaderboard(rows, csv_path)
         print_summary(summaries)
         console.print(f"leaderboard: {csv_path} and {csv_path.with_suffix('.md')} (merged from {len(rows)} cells)")
         return
     parts = parse_shard(shard) if shard else None
     base = shared_base(replace(run_config, method=method_list[0], attack=attack_list[0]))  # one load for all cells
-    rows, summaries = run_grid(run_config, method_list, attack_list, stages, base, training_seeds=seeds, shard=parts)
+    rows, summaries = run_grid(
+        run_config, method_list, attack_list, stages, base, training_seeds=seeds, shard=parts, guards=guard_list
+    )
     if parts:
         print_summary(summaries)
         console.print(

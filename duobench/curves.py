@@ -93,13 +93,16 @@ def write_grid_figure(rows: list[dict[str, Any]], png_path: Path, title: str = "
     the range of its trainings' DSR intervals (one training: its own interval) as the error bar."""
     import pandas as pd
 
+    from duobench.leaderboard import system_label
+
     frame = pd.DataFrame(rows)
+    frame["system"] = [system_label(row) for row in rows]
     attacks = list(dict.fromkeys(frame["attack"]))
-    methods = list(dict.fromkeys(frame["method"]))
+    methods = list(dict.fromkeys(frame["system"]))
     colours = {method: f"C{n % 10}" for n, method in enumerate(methods)}
     figure, axes = _panels(len(attacks))
     for axis, attack in zip(axes, attacks, strict=True):
-        for method, group in frame[frame["attack"] == attack].groupby("method", sort=False):
+        for method, group in frame[frame["attack"] == attack].groupby("system", sort=False):
             x, y = group["prior_preservation"].astype(float), group["dsr"].astype(float)
             axis.scatter(x, y, s=12, alpha=0.45, color=colours[method])
             low, high = group["dsr_ci_low"].astype(float).min(), group["dsr_ci_high"].astype(float).max()

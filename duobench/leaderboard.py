@@ -36,6 +36,13 @@ def leaderboard_path(folder: Path, model: str, concept: str) -> Path:
     return folder / f"{model_slug(model)}-{concept}.csv"
 
 
+def system_label(row: Any) -> str:
+    """The evaluated system as a leaderboard names it: the method, then `` + <guard>`` when a guard stands
+    in front of or behind it."""
+    guard = row.get("guard")
+    return row["method"] if not isinstance(guard, str) or guard in ("", "none") else f"{row['method']} + {guard}"
+
+
 def leaderboard_row(summary: dict[str, Any], config: RunConfig, training_seed: int | None = None) -> dict[str, Any]:
     return {
         **flat_row(summary),
@@ -64,9 +71,14 @@ Cell = tuple[int | None, RunConfig]
 
 
 def grid_cells(
-    base_config: RunConfig, methods: list[str], attacks: list[str], training_seeds: list[int] | None = None
+    base_config: RunConfig,
+    methods: list[str],
+    attacks: list[str],
+    training_seeds: list[int] | None = None,
+    guards: list[str] | None = None,
 ) -> list[Cell]:
-    """``(training seed, run config)`` of every cell, in the leaderboard's row order."""
+    """``(training seed, run config)`` of every cell, in the leaderboard's row order; with ``guards``, every
+    (method, attack) cell once per guard (``none``: unguarded)."""
     return [
         (
             seed,
@@ -74,12 +86,14 @@ def grid_cells(
                 base_config,
                 method=method,
                 attack=attack,
+                guard=guard,
                 method_options=options,
-                out=cell_out(base_config, method, attack, seed),
+                out=cell_out(base_config, method, attack, seed, guard),
             ),
         )
         for method in methods
         for seed, options in seeded_method_options(method, base_config.method_options, training_seeds)
+        for guard in guards or [base_config.guard]
         for attack in attacks
     ]
 
@@ -116,6 +130,7 @@ def run_grid(
     base=None,
     training_seeds: list[int] | None = None,
     shard: tuple[int, int] | None = None,
+    guards: list[str] | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Every (method, training seed, attack) run, reusing every cached stage; returns (leaderboard rows,
     summaries). With ``training_seeds`` each stochastic method is trained once per seed, so the spread of
@@ -125,7 +140,7 @@ def run_grid(
     Every cell shares one loaded base model (``base``, else loaded once after the first cell's plan has
     checked the configuration): edits are applied to it and removed again, never kept."""
     stages = stages or StageCache()
-    cells = grid_cells(base_config, methods, attacks, training_seeds)
+    cells = grid_cells(base_config, methods, attacks, training_seeds, guards)
     if shard is not None:
         cells = shard_cells(cells, *shard)
     base = base if base is not None or not cells else shared_base(cells[0][1])
@@ -138,12 +153,16 @@ def run_grid(
 
 
 def merge_grid(
-    base_config: RunConfig, methods: list[str], attacks: list[str], training_seeds: list[int] | None = None
+    base_config: RunConfig,
+    methods: list[str],
+    attacks: list[str],
+    training_seeds: list[int] | None = None,
+    guards: list[str] | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The rows and summaries of a grid whose cells ran elsewhere (``--shard`` jobs), read from the cells'
     run folders without loading a model. A cell whose folder is missing, or holds a run of another
     configuration, is named in the error with the shard that runs it."""
-    cells = grid_cells(base_config, methods, attacks, training_seeds)
+    cells = grid_cells(base_config, methods, attacks, training_seeds, guards)
     rows, summaries, problems = [], [], []
     for seed, config in cells:
         folder = Path(config.out)
@@ -181,9 +200,9 @@ def _stored_run_config(config_file: Path, expected: RunConfig) -> RunConfig | No
     return stored if wanted == found else None
 
 
-def cell_out(config: RunConfig, method: str, attack: str, seed: int | None) -> str:
-    """A grid cell's run folder: ``<out>/<method>__<attack>[__seed<N>]``."""
-    suffix = "" if seed is None else f"__seed{seed}"
+def cell_out(config: RunConfig, method: str, attack: str, seed: int | None, guard: str = "none") -> str:
+    """A grid cell's run folder: ``<out>/<method>__<attack>[__seed<N>][__guard-<guard>]``."""
+    suffix = ("" if seed is None else f"__seed{seed}") + ("" if guard == "none" else f"__guard-{guard}")
     return str(Path(config.out) / f"{method}__{attack}{suffix}")
 
 
@@ -248,10 +267,12 @@ def across_training_seeds(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for row in rows:
-        groups.setdefault((row["method"], row["attack"]), []).append(row)
+        groups.setdefault((system_label(row), row["attack"]), []).append(row)
     spread = []
-    for (method, attack), members in groups.items():
-        entry: dict[str, Any] = {"method": method, "attack": attack, "n_trainings": len(members)}
+    for (_, attack), members in groups.items():
+        guard = members[0].get("guard")
+        entry: dict[str, Any] = {"method": members[0]["method"], "guard": guard, "attack": attack}
+        entry["n_trainings"] = len(members)
         for metric in SEED_SPREAD_METRICS:
             values = np.array([_number(row.get(metric)) for row in members], dtype=np.float64)
             mean, n = float(np.mean(values)), len(values)
@@ -318,7 +339,8 @@ def spread_markdown(spread: list[dict[str, Any]]) -> str:
     ]
     for entry in spread:
         cells = [_mean_sd(entry, metric) for metric in SEED_SPREAD_METRICS]
-        lines.append(f"| {entry['method']} | {entry['attack']} | {entry['n_trainings']} | " + " | ".join(cells) + " |")
+        label = system_label(entry)
+        lines.append(f"| {label} | {entry['attack']} | {entry['n_trainings']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -340,7 +362,7 @@ def markdown(frame) -> str:
         cards = ", ".join(str(row[f"card_{name}"]) for name in ("judge", "prior_preservation", "fid", "clip_score"))
         seed = "-" if pd.isna(row["training_seed"]) else int(row["training_seed"])
         lines.append(
-            f"| {row['method']} | {row['attack']} | {seed} | {row['dsr']:.3f} [{row['dsr_ci_low']:.3f}, "
+            f"| {system_label(row)} | {row['attack']} | {seed} | {row['dsr']:.3f} [{row['dsr_ci_low']:.3f}, "
             f"{row['dsr_ci_high']:.3f}] | {format_number(row['dsr_pre_attack'])} | "
             f"{format_number(row['prior_preservation'])} | {format_number(row['fid'], '.2f')} | "
             f"{format_number(row['clip_score'])} | {row['n_prompts']}x{row['n_seeds']} | "

@@ -120,3 +120,18 @@ def test_false_refusals_are_counted_and_the_benign_metrics_use_the_allowed_items
     # Half of the star images refused (defended), the other half judged: DSR rises by the refused stars.
     plain = run(toy(tmp_path / "plain"), stages, toy_base)
     assert alternating["dsr"] >= plain["dsr"] and alternating["refused"] == 4
+
+
+def test_a_leaderboard_runs_every_cell_once_per_guard(tmp_path, toy_base):
+    from duobench.leaderboard import run_grid, write_leaderboard
+
+    config = toy(tmp_path / "runs")
+    rows, _ = run_grid(
+        config, ["none"], ["none"], StageCache(tmp_path / "stages"), toy_base, guards=["none", "keyword-filter"]
+    )
+    csv_path = write_leaderboard(rows, tmp_path / "toy-star.csv")
+    frame = pd.read_csv(csv_path)
+    assert list(frame["guard"].fillna("none")) == ["none", "keyword-filter"]
+    assert list(frame["dsr"]) == [pytest.approx(rows[0]["dsr"]), 1.0]  # the filter refuses every star prompt
+    assert "| none + keyword-filter | none |" in csv_path.with_suffix(".md").read_text()
+    assert (tmp_path / "runs" / "none__none__guard-keyword-filter" / "summary.json").exists()
