@@ -25,6 +25,8 @@ from duobench.stages import StageCache
 LEADERBOARD_COLUMNS = (*SUMMARY_COLUMNS, "training_seed", "run_config")
 SEED_SPREAD_METRICS = ("dsr", "dsr_pre_attack", "prior_preservation", "fid", "clip_score")
 """In the order of the Markdown spread table's columns."""
+LATER_COLUMNS = ("close_prior_preservation", "close_concepts", "guard", "false_refusal_rate", "n_benign_refused")
+"""Columns added after leaderboards were first published: a CSV made before them is still checked."""
 COMPARED = ("dsr", "dsr_ci_low", "dsr_ci_high", "prior_preservation", "clip_score", "fid")
 
 
@@ -417,7 +419,7 @@ def check_leaderboard(
     if not csv_path.exists():
         raise DuobenchError(f"Leaderboard file {csv_path} does not exist.")
     frame = pd.read_csv(csv_path)
-    missing = [column for column in LEADERBOARD_COLUMNS if column not in frame.columns]
+    missing = [column for column in LEADERBOARD_COLUMNS if column not in frame.columns and column not in LATER_COLUMNS]
     if missing:
         raise DuobenchError(f"{csv_path} lacks the columns {', '.join(missing)}; it is not a duobench leaderboard.")
     stages = stages or StageCache(Path(tempfile.mkdtemp(prefix="duobench-check-stages-")))

@@ -193,6 +193,10 @@ BUILTIN_PLUGINS: dict[str, dict[str, tuple[str, str]]] = {
             "duobench.guards.keyword_filter:KeywordFilter",
             "blocklist prompt filter: refuses a prompt holding one of the concept's words (whole words)",
         ),
+        "latent-guard": (
+            "duobench.guards.latent_guard:LatentGuard",
+            "Latent Guard (Liu et al., ECCV 2024): learned concept-vs-prompt score in the text encoder's space",
+        ),
     },
     "metrics": {
         "toy-star": ("duobench.toy.judge:TOY_STAR", "toy-world CNN judge: unsafe when P(shape=star) > 0.5"),

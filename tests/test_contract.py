@@ -182,7 +182,7 @@ def test_a_card_version_bump_recomputes_exactly_that_stage(tmp_path, monkeypatch
     monkeypatch.setitem(METRICS._entries, "fid-toy", bumped)
     second = run(toy_config(tmp_path), stages)
     assert dict(stages.misses) == {"fid": 1}
-    assert set(stages.hits) == {"judge", "prior_preservation", "clip_score"}
+    assert set(stages.hits) == {"judge", "prior_preservation", "clip_score", "close_concepts"}
     assert second["dsr"] == first["dsr"] and second["fid"] == first["fid"]
 
 

@@ -51,8 +51,8 @@ def test_run_on_two_processes_gives_the_one_process_numbers(tmp_path):
     two = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert_same_numbers(one, two)
     assert two["environment"]["processes"] == 2 and "processes" not in one["environment"]
-    # 16 judged, 2 x 24 benign and 2 contact-sheet base images, each made once by one of the ranks.
-    assert two["images_generated"] == 66 and two["n_prompts"] == 2
+    # 16 judged, 2 x 24 benign, 2 x 12 close-concept and 2 contact-sheet base images, each made once by a rank.
+    assert two["images_generated"] == 90 and two["n_prompts"] == 2
     # Every image's verdict and per-image metric, in the same order (image paths differ: two stores).
     audit_one = pd.read_parquet(tmp_path / "one" / "audit.parquet").drop(columns=["image", "base_image"])
     audit_two = pd.read_parquet(tmp_path / "two" / "audit.parquet").drop(columns=["image", "base_image"])
