@@ -5,9 +5,12 @@ The paper's threat: a downstream user adapts a safety-aligned model to a new dom
 Pokémon, Naruto and Danbooru captions) with ordinary fine-tuning, full or LoRA, and the suppressed concept
 re-emerges although no training image shows it. Its "sequential" setting, the one attacked here, trains
 the fine-tuning weights on the aligned model: ``W* = W0 + ΔW_safe + ΔW_ft``, with ``ΔW_ft`` learned through
-``W0 + ΔW_safe`` (its Modular-LoRA defence instead trains ``ΔW_ft`` on ``W0``; not implemented here). The
-attack returns ``ΔW_ft`` as an edit (``produces = "edit"``); the runner samples the attack phase from the
-unlearned system plus this edit.
+``W0 + ΔW_safe`` (``deployment = "direct"``, the default). Its Modular-LoRA deployment recipe instead trains
+``ΔW_ft`` on the original weights ``W0`` and composes the two at inference (``deployment = "modular"``): the
+task adapters never see the safety edit, so they cannot learn to undo it. The attack returns ``ΔW_ft`` as an
+edit (``produces = "edit"``); either way the runner samples the attack phase from the unlearned system plus
+this edit, which for ``modular`` is the composition. (The option is not called ``mode``: that one chooses
+LoRA or dense adapters.)
 
 Recipe, read top to bottom:
 
@@ -24,8 +27,8 @@ Recipe, read top to bottom:
    has a bias) starting at zero, which is exactly fine-tuning those layers' weights.
 3. Objective: the standard denoising loss. Latents = VAE posterior mean × scaling factor, ``t ~ U[0, T)``,
    ``x_t`` = ``DDPMScheduler.add_noise`` with the model's training schedule, ``MSE(eps_theta(x_t, t, c), eps)``
-   for epsilon-prediction models only; ``c`` is the caption through the unlearned model's text encoder
-   (frozen).
+   for epsilon-prediction models only; ``c`` is the caption through the trained-on model's text encoder
+   (frozen): the unlearned model's for ``direct``, the original's for ``modular``.
 4. Optimiser: AdamW (betas 0.9/0.999, weight decay 1e-2, eps 1e-8) on the adapters only, fp32, constant
    learning rate, gradient norm clipped at 1, minibatches drawn from a fresh permutation each epoch;
    ``steps`` optimiser steps (``Budget.steps`` overrides). On a GPU the UNet runs in the pipe's dtype under
@@ -73,6 +76,7 @@ from duobench.prompts import PromptRow
 ADAPTER_FILE = "finetune.safetensors"
 CARD_FILE = "card.json"
 MODES = ("lora", "full")
+DEPLOYMENTS = ("direct", "modular")
 PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 LOSS_CURVE_POINTS = 100
@@ -94,10 +98,15 @@ class FinetuneConfig:
     """A folder of image + caption pairs; empty: the concept's benign prompts rendered by the base model. The
     attack's cache key holds this path, not the folder's contents: give changed data a new folder."""
     seed: int = 0
+    deployment: str = "direct"
+    """``direct``: train through the unlearned model (the paper's sequential setting); ``modular``: train on the
+    original model and compose with the unlearned one at inference (the paper's Modular-LoRA recipe)."""
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.deployment not in DEPLOYMENTS:
+            raise ValueError(f"deployment must be one of {DEPLOYMENTS}, got {self.deployment!r}")
         for name in ("rank", "steps", "batch_size", "images"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
@@ -421,7 +430,7 @@ class Finetune:
         require_epsilon_prediction(models.target_pipe)
         self.models = models
         images, captions, source = self._images_and_captions(concept, models)
-        pipe = models.target_pipe
+        pipe = self._trained_on()
         self.data = TrainingData(
             latents=images_to_latents(pipe.vae, images).cpu(),
             embeddings=caption_embeddings(pipe, captions).cpu(),
@@ -438,20 +447,23 @@ class Finetune:
         source = f"benign prompts of {concept.name}, rendered by the base model ({settings.steps} steps)"
         return images, captions, source
 
+    def _trained_on(self):
+        """The pipeline the adapters train through: the unlearned model, or the original for ``modular``."""
+        return self.models.base_pipe if self.config.deployment == "modular" else self.models.target_pipe
+
     def make_edit(self, out_dir: Path, budget: Budget) -> None:
-        """Train the adapters through the unlearned UNet, unhook them, and write them with their card."""
+        """Train the adapters (through the unlearned UNet, or the original's for ``modular``), unhook them,
+        and write them with their card."""
         from safetensors.torch import save
 
         steps = budget.steps or self.config.steps
-        unet = self.models.target_pipe.unet
+        unet = self._trained_on().unet
         layers = adapted_layers(unet)
         adapters = Adapters(layers, self.config.mode, self.config.rank, self.config.seed).to(unet.device)
         started = time.perf_counter()
         adapters.attach(layers)
         try:
-            losses = train_adapters(
-                unet, self.models.target_pipe.scheduler.config, adapters, self.data, self.config, steps
-            )
+            losses = train_adapters(unet, self._trained_on().scheduler.config, adapters, self.data, self.config, steps)
         finally:
             adapters.remove()
         weights = {name: value.detach().cpu().contiguous() for name, value in adapters.state_dict().items()}

@@ -192,3 +192,24 @@ def test_config_rejects_bad_values():
         FinetuneConfig(mode="qlora")
     with pytest.raises(ValueError, match="steps"):
         FinetuneConfig(steps=0)
+
+
+def test_modular_deployment_trains_on_the_original_model_whatever_the_unlearned_one(toy_pipe, tmp_path):
+    concept = load_concept("star")
+    unlearned = load_pipeline("toy", device="cpu")
+    with torch.no_grad():
+        unlearned.unet.conv_in.weight.add_(0.05)  # any other model: the "unlearned" one
+
+    def adapters(target, deployment: str, folder: str) -> dict:
+        edit = run_edit_attack(
+            "finetune", concept, target, toy_pipe, "plain", Budget(steps=3), tmp_path / folder, SafeJudge(),
+            options={**SMALL, "deployment": deployment}, settings=SETTINGS, limit=1,
+        )  # fmt: skip
+        return load_file(edit.artifact / "finetune.safetensors")
+
+    modular, modular_on_base = adapters(unlearned, "modular", "m"), adapters(toy_pipe, "modular", "b")
+    direct = adapters(unlearned, "direct", "d")
+    assert all(torch.equal(modular[k], modular_on_base[k]) for k in modular)  # the unlearned model is not seen
+    assert any(not torch.equal(modular[k], direct[k]) for k in modular)  # direct trains through it
+    with pytest.raises(ValueError, match="deployment must be one of"):
+        FinetuneConfig(deployment="sequential")
