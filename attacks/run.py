@@ -47,6 +47,7 @@ from duobench.errors import DuobenchError
 from duobench.items import SamplerSettings, WorkItem
 from duobench.locks import exclusive_for_job, from_main_rank, owner_tag
 from duobench.metrics.base import Judge, card_identity
+from duobench.options import build_config
 from duobench.paths import duobench_home
 from duobench.progress import track_each
 from duobench.prompts import PromptRow, PromptSet, load_prompt_set
@@ -75,17 +76,7 @@ CSV_COLUMNS = (
 def make_attack(name: str, options: dict[str, Any] | None = None) -> Attack:
     """The registered attack ``name`` built from its config defaults plus ``options``."""
     attack_cls = ATTACKS.get(name)
-    options = dict(options or {})
-    known = {f.name for f in fields(attack_cls.config_cls)}
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise DuobenchError(
-            f"Attack {name!r} has no option(s) {', '.join(unknown)}. Its options: {', '.join(sorted(known))}."
-        )
-    try:
-        return attack_cls(attack_cls.config_cls(**options))
-    except (TypeError, ValueError) as error:
-        raise DuobenchError(f"Bad options for attack {name!r}: {error}") from error
+    return attack_cls(build_config("Attack", name, attack_cls.config_cls, options))
 
 
 def run_key(attack_name: str, attack: Attack, budget: Budget, concept: Concept, access_identity: dict[str, Any]) -> str:

@@ -49,26 +49,15 @@ def decisions(context, items: list[WorkItem], paths: list[Path] | None = None) -
 def judge_guarded(context, metric, name: str, system, items: list[WorkItem]) -> tuple[list[Path | None], list[dict]]:
     """Generate, guard and judge ``items`` on ``system`` into ``generations/<name>``: (image path or None for
     a refused prompt, audit row) per item, in order."""
-    from duobench.judged_generation import generate_and_judge
-    from duobench.runner import generate_images
+    from duobench.runner import generate_images, judge_segment
 
     paths: list[Path | None] = [None] * len(items)
     rows: list[dict[str, Any]] = [{} for _ in items]
     if context.guard.stage == "prompt":
         made = decisions(context, items)
         allowed = [i for i, decision in enumerate(made) if not decision.refused]
-        report, allowed_rows = generate_and_judge(
-            system.generator,
-            system.fingerprint,
-            [items[i] for i in allowed],
-            context.out / "generations" / name,
-            metric,
-            context.config.batch_size,
-            progress=True,
-        )
-        context.generated += report.generated
-        context.reused += report.reused
-        for i, path, row in zip(allowed, report.paths, allowed_rows, strict=True):
+        allowed_paths, allowed_rows = judge_segment(context, metric, name, system, [items[i] for i in allowed])
+        for i, path, row in zip(allowed, allowed_paths, allowed_rows, strict=True):
             paths[i], rows[i] = path, row
     else:
         paths = list(generate_images(context, system, items, name))

@@ -306,6 +306,25 @@ def generate_images(context: RunContext, system: System, items: list[WorkItem], 
     return report.paths
 
 
+def judge_segment(context: RunContext, metric, name: str, system: System, items: list[WorkItem]):
+    """Generate ``items`` on ``system`` into ``generations/<name>``, each batch judged by ``metric`` as it
+    comes (`duobench.judged_generation`): (image path, audit row) per item, in order."""
+    from duobench.judged_generation import generate_and_judge
+
+    report, rows = generate_and_judge(
+        system.generator,
+        system.fingerprint,
+        items,
+        context.out / "generations" / name,
+        metric,
+        context.config.batch_size,
+        progress=True,
+    )
+    context.generated += report.generated
+    context.reused += report.reused
+    return report.paths, rows
+
+
 def judged_segments(
     context: RunContext, attack_items: list[WorkItem], pre_items: list[WorkItem]
 ) -> list[tuple[str, System, list[WorkItem]]]:
@@ -324,7 +343,6 @@ def generate_and_judge_stage(
     pre-attack items) and the judge result, cached by the image keys, the judge's card and the DSR card
     (its interval)."""
     from duobench.guarding import judge_guarded
-    from duobench.judged_generation import generate_and_judge
     from duobench.metrics.base import sync_state
     from duobench.metrics.dsr import DSR, build_judge
 
@@ -340,18 +358,8 @@ def generate_and_judge_stage(
                 paths += segment_paths
                 rows += segment_rows
                 continue
-            report, segment_rows = generate_and_judge(
-                system.generator,
-                system.fingerprint,
-                items,
-                context.out / "generations" / name,
-                metric,
-                context.config.batch_size,
-                progress=True,
-            )
-            context.generated += report.generated
-            context.reused += report.reused
-            paths += report.paths
+            segment_paths, segment_rows = judge_segment(context, metric, name, system, items)
+            paths += segment_paths
             rows += segment_rows
         fresh["paths"] = paths
         sync_state(metric)  # every rank judged its share of the images

@@ -23,7 +23,7 @@ the base pipeline once in ``prepare`` (where a learned guard trains or loads its
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar, Protocol
 
 from PIL import Image
@@ -31,6 +31,7 @@ from PIL import Image
 from duobench.concepts import Concept
 from duobench.errors import DuobenchError
 from duobench.items import WorkItem
+from duobench.options import build_config
 
 STAGES = ("prompt", "image")
 
@@ -69,19 +70,9 @@ def make_guard(name: str, options: dict[str, Any] | None = None) -> Guard:
     from duobench.registry import GUARDS
 
     guard_cls = GUARDS.get(name)
-    options = dict(options or {})
-    known = {f.name for f in fields(guard_cls.config_cls)}
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise DuobenchError(
-            f"Guard {name!r} has no option(s) {', '.join(unknown)}. Its options: {', '.join(sorted(known))}."
-        )
     if guard_cls.stage not in STAGES:
         raise DuobenchError(f"Guard {name!r} declares stage {guard_cls.stage!r}; a guard's stage is one of {STAGES}.")
-    try:
-        return guard_cls(guard_cls.config_cls(**options))
-    except (TypeError, ValueError) as error:
-        raise DuobenchError(f"Bad options for guard {name!r}: {error}") from error
+    return guard_cls(build_config("Guard", name, guard_cls.config_cls, options))
 
 
 def config_identity(guard: Guard, **extra: Any) -> dict[str, Any]:

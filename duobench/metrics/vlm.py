@@ -623,19 +623,7 @@ VLM_GPT4O_DUO = VLMPreset(
         description="DUO's violence judge: GPT-4o on an OpenAI-compatible endpoint, unsafe when it answers "
         "yes to the offensive/threatening/anxiety question.",
         source=_SOURCE,
-        params={
-            "backend": "openai-chat",
-            "model": DEFAULT_MODEL,
-            "question": DUO_QUESTION,
-            "with_prompt": False,
-            "temperature": 0.0,
-            "retry_temperature": 1.0,
-            "max_attempts": 5,
-            "max_tokens": 16,
-            "undecided": "unsafe",
-            "base_url": None,
-            "dsr_convention": "attack-only",
-        },
+        params={**ANSWER_DEFAULTS, "model": DEFAULT_MODEL, "base_url": None, "dsr_convention": "attack-only"},
         weights="gpt-4o via an OpenAI-compatible endpoint",
     )
 )
