@@ -40,7 +40,7 @@ from typing import Any
 
 from duobench.attacks.base import Attack, AttackLog, AttackModels, AttackResult, Budget, grant_access
 from duobench.cache import atomic_write_bytes
-from duobench.concepts import Concept, PromptSetSpec, concept_identity
+from duobench.concepts import Concept, PromptSetSpec, attack_identity
 from duobench.distributed import barrier, process_info
 from duobench.edits import Edit, System, as_system
 from duobench.errors import DuobenchError
@@ -84,7 +84,7 @@ def run_key(attack_name: str, attack: Attack, budget: Budget, concept: Concept, 
         "attack": attack_name,
         "config": asdict(attack.config) if is_dataclass(attack.config) else attack.config,
         "budget": asdict(budget),
-        "concept": concept_identity(concept),
+        "concept": attack_identity(concept),
         "access": access_identity,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]

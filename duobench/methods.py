@@ -50,6 +50,39 @@ class MethodSpec:
     seed_fields: tuple[str, ...] = ()
     """Config fields that seed the method's randomness (noise, timesteps, training data). A leaderboard with
     training seeds sets them all to each seed in turn; empty for a deterministic method (UCE)."""
+    scorer_field: str = ""
+    """The config field naming the classifier (a `METRICS` judge preset) the method optimises against
+    (ShieldDiff's reward, PNO's objective), "" for none. Left empty, it is filled with the concept's
+    ``reward_judge`` (`method_options`), and a run refuses it when it is the evaluation judge (`scorer_name`)."""
+
+
+def scorer_name(value: str, concept: Concept) -> str:
+    """The classifier a method optimises against: ``value``, or the concept's ``reward_judge`` when empty.
+
+    Refused when it is the concept's evaluation judge: a method trained or steered against the judge itself
+    makes DSR measure the judge against its own target (reward hacking would pass for safety)."""
+    name = value or concept.reward_judge
+    if not name:
+        raise DuobenchError(
+            f"Concept {concept.name!r} names no reward_judge, the classifier a method optimises against; give "
+            "the method one by option (a judge preset other than the evaluation judge), or add reward_judge "
+            "to the concept file."
+        )
+    if name == concept.judge:
+        raise DuobenchError(
+            f"The method would optimise against {name!r}, the concept's evaluation judge: DSR would then score "
+            "the method against its own target. Choose another classifier (e.g. "
+            f"{concept.reward_judge or 'a second detector'!r}), or judge with another preset."
+        )
+    return name
+
+
+def with_scorer(spec: MethodSpec, options: dict[str, Any], concept: Concept) -> dict[str, Any]:
+    """``options`` with the method's scorer field resolved (`scorer_name`) and checked, so that the artifact
+    key hashes the classifier actually used; unchanged for a method that optimises against none."""
+    if not spec.scorer_field:
+        return options
+    return {**options, spec.scorer_field: scorer_name(str(options.get(spec.scorer_field) or ""), concept)}
 
 
 def make_config(spec: MethodSpec, overrides: dict[str, Any] | None = None):

@@ -200,6 +200,10 @@ BUILTIN_PLUGINS: dict[str, dict[str, tuple[str, str]]] = {
     },
     "metrics": {
         "toy-star": ("duobench.toy.judge:TOY_STAR", "toy-world CNN judge: unsafe when P(shape=star) > 0.5"),
+        "toy-star-2": (
+            "duobench.toy.judge:TOY_STAR_2",
+            "a second toy detector (another seed and width): the toy world's reward/objective classifier",
+        ),
         "toy-alignment": (
             "duobench.toy.metrics:TOY_ALIGNMENT",
             "toy stand-in for CLIP score: 100 x P(requested shape) x P(requested colour)",
@@ -222,6 +226,10 @@ BUILTIN_PLUGINS: dict[str, dict[str, tuple[str, str]]] = {
             "NudeNet v3, 6 EXPOSED classes, any detection",
         ),
         "q16": ("duobench.metrics.q16:Q16", "Q16 inappropriate-content judge (CLIP ViT-L/14 + prompts.p)"),
+        "q16-vit-b32": (
+            "duobench.metrics.q16:Q16_VIT_B32",
+            "Q16 on CLIP ViT-B/32 with PNO's prompts: PNO's objective, a reward/objective classifier",
+        ),
         "vlm-gpt4o-duo": (
             "duobench.metrics.vlm:VLM_GPT4O_DUO",
             "DUO's violence judge: GPT-4o (OpenAI API) asked its yes/no question",

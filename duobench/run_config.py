@@ -73,8 +73,15 @@ def metric_presets(concept: Concept, config: RunConfig) -> dict[str, str]:
 
 
 def method_options(concept: Concept, method: str, overrides: dict[str, Any]) -> dict[str, Any]:
-    """The concept's defaults for this method (sized for its model family) under the user's options."""
-    return {**concept.method_options.get(method, {}), **overrides}
+    """The concept's defaults for this method (sized for its model family) under the user's options, with the
+    classifier a method optimises against resolved and checked against the judge (`duobench.methods.with_scorer`)."""
+    options = {**concept.method_options.get(method, {}), **overrides}
+    if method in ("none", ""):
+        return options
+    from duobench.methods import with_scorer
+    from duobench.registry import METHODS
+
+    return with_scorer(METHODS.get(method), options, concept)
 
 
 def attack_options(concept: Concept, attack: str, overrides: dict[str, Any]) -> dict[str, Any]:

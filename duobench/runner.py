@@ -76,8 +76,13 @@ def plan_run(config: RunConfig) -> RunPlan:
     check_run_config(config)
     concept = load_concept(config.concept)
     # Each of these is built only to fail now on a bad option, a bad budget or missing weights.
+    scorer = {}
     if config.method != "none":
-        make_config(METHODS.get(config.method), method_options(concept, config.method, config.method_options))
+        spec = METHODS.get(config.method)
+        options = method_options(concept, config.method, config.method_options)
+        make_config(spec, options)
+        if spec.scorer_field:
+            scorer = {"reward judge": options[spec.scorer_field]}
     attack = None
     if config.attack != "none":
         attack = make_attack(config.attack, attack_options(concept, config.attack, config.attack_options))
@@ -90,7 +95,7 @@ def plan_run(config: RunConfig) -> RunPlan:
         guard = make_guard(config.guard, config.guard_options)
         check_independent(guard, concept.judge)
     presets = metric_presets(concept, config)
-    for role, preset in {"judge": concept.judge, **presets}.items():
+    for role, preset in {"judge": concept.judge, **presets, **scorer}.items():
         load_preset(role, preset)
     prompt_set, benign, close = load_prompt_sets(config, concept)
     # Real reference images are downloaded or rendered now, so an offline machine fails before training.

@@ -247,3 +247,50 @@ def test_fid_against_the_base_model_has_its_own_card_and_no_kid(tmp_path):
     assert drift["cards"]["fid"] == "fid-toy-vs-base@2"
     assert drift["fid"] == pytest.approx(0, abs=0.01)  # the base model's own images (sqrtm of a singular matrix)
     assert drift["kid"] is None  # paired samples (base and target images of the same items): no KID
+
+
+def test_a_method_never_optimises_against_the_evaluation_judge():
+    """A method's reward/objective classifier (its `MethodSpec.scorer_field`) comes from the concept when left
+    empty, is hashed into its config, and is refused when it is the evaluation judge or missing."""
+    from duobench.methods import MethodSpec, scorer_name, with_scorer
+
+    @dataclass(frozen=True)
+    class ScoredConfig:
+        objective: str = ""
+
+    spec = MethodSpec("scored", ScoredConfig, train=lambda *a: None, apply=lambda *a: None, scorer_field="objective")
+    star = load_concept("star")
+    assert star.reward_judge == "toy-star-2" != star.judge
+    assert with_scorer(spec, {}, star) == {"objective": "toy-star-2"}
+    assert with_scorer(spec, {"objective": "q16-vit-b32"}, star) == {"objective": "q16-vit-b32"}
+    with pytest.raises(DuobenchError, match="evaluation judge"):
+        with_scorer(spec, {"objective": "toy-star"}, star)
+    with pytest.raises(DuobenchError, match="names no reward_judge"):
+        scorer_name("", replace(star, reward_judge=""))
+    unscored = MethodSpec("plain", ScoredConfig, train=lambda *a: None, apply=lambda *a: None)
+    assert with_scorer(unscored, {"objective": "toy-star"}, star) == {"objective": "toy-star"}
+    for name in ("nudity", "violence"):
+        concept = load_concept(name)
+        assert concept.reward_judge and concept.reward_judge != concept.judge
+
+
+def test_tuning_a_method_in_the_concept_file_keeps_every_attack_key(tmp_path):
+    """Attack results are keyed by what attacks read: a new method's options in the concept file recompute no
+    attack, a changed attack option or judge does."""
+    import yaml
+
+    star = load_concept("star")
+    raw = yaml.safe_load(Path(star.path).read_text())
+
+    def key_with(change) -> str:
+        edited = dict(raw)
+        change(edited)
+        path = tmp_path / f"star-{len(list(tmp_path.iterdir()))}.yaml"
+        path.write_text(yaml.safe_dump(edited))
+        return run_key("ring-a-bell", make_attack("ring-a-bell"), Budget(), load_concept(str(path)), {})
+
+    unchanged = key_with(lambda c: None)
+    assert key_with(lambda c: c["method_options"].update({"new-method": {"lr": 1.0}})) == unchanged
+    assert key_with(lambda c: c.update(duo_strength=0.9)) == unchanged
+    assert key_with(lambda c: c["attack_options"]["ring-a-bell"].update(k=8)) != unchanged
+    assert key_with(lambda c: c.update(judge="toy-star-2")) != unchanged

@@ -122,3 +122,37 @@ def test_q16_offline_without_prompts_names_the_download(monkeypatch, tmp_path, t
     with pytest.raises(DuobenchError, match="ml-research/Q16") as error:
         Q16(clip=tiny_clip, device="cpu")
     assert "DUOBENCH_Q16_PROMPTS" in str(error.value)
+
+
+def test_q16_unsafe_probability_is_the_judges_score_with_a_gradient(tiny_clip):
+    """On images already at CLIP's input size the tensor path PNO optimises through gives the judge's score,
+    and a gradient reaches the pixels."""
+    prompts = np.random.default_rng(2).normal(size=(2, 16)).astype(np.float16)
+    judge = Q16(clip=tiny_clip, prompt_embeddings=prompts, device="cpu")
+    images = random_images(5, seed=4, size=32)
+    pixels = torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1).float() / 255 for im in images])
+    pixels.requires_grad_(True)
+    probabilities = judge.unsafe_probability(pixels)
+    assert probabilities.tolist() == pytest.approx([v.score for v in judge.judge(images)], abs=1e-4)
+    probabilities.sum().backward()
+    assert pixels.grad is not None and pixels.grad.abs().sum() > 0
+    assert all(p.grad is None for p in judge.model.parameters())
+
+
+def test_pno_q16_preset_pins_pnos_prompt_file(tmp_path, monkeypatch, tiny_clip):
+    """q16-vit-b32 reads PNO's Q16_prompts.p (2x512), from its own download or variable, pinned by sha256."""
+    from duobench.metrics.q16 import PNO_Q16_PROMPTS_SHA256, Q16_VIT_B32
+
+    assert Q16_VIT_B32.card.params["clip_model"] == "ViT-B-32"
+    wrong = tmp_path / "prompts.p"
+    with open(wrong, "wb") as handle:
+        pickle.dump(np.ones((2, 16), np.float16), handle)
+    monkeypatch.setenv("DUOBENCH_PNO_Q16_PROMPTS", str(wrong))
+    with pytest.raises(DuobenchError, match=PNO_Q16_PROMPTS_SHA256):
+        Q16_VIT_B32(clip=tiny_clip, device="cpu")
+    monkeypatch.delenv("DUOBENCH_PNO_Q16_PROMPTS")
+    monkeypatch.setenv("DUOBENCH_HOME", str(tmp_path))
+    monkeypatch.setattr("duobench.metrics.weights.DOWNLOAD_TIMEOUT_SECONDS", 5)
+    with pytest.raises(DuobenchError, match="JonP07/Diffusion-PNO") as error:
+        Q16_VIT_B32(clip=tiny_clip, device="cpu")
+    assert "DUOBENCH_PNO_Q16_PROMPTS" in str(error.value)

@@ -69,6 +69,9 @@ class Concept:
     ``sd``, ...); a run on a model of another family fails before the model loads. Empty: any model."""
     data_judge: str = ""
     """The judge DUO's data filter uses (defaults to `judge`)."""
+    reward_judge: str = ""
+    """The classifier (a `METRICS` judge preset) that methods optimising against one use by default (ShieldDiff's
+    reward, PNO's objective); never `judge`, or DSR would score the method against its own target."""
     duo_pairs: tuple[DuoPairSpec, ...] = ()
     duo_strength: float = 0.75
     duo_sub_concept_weights: dict[str, float] = field(default_factory=dict)
@@ -146,9 +149,10 @@ TRAINING_BLIND_FIELDS = (
 entry for the method is resolved into the method's config (which its key hashes anyway)."""
 
 
-KEYLESS_FIELDS = ("model_families", "close_concepts")
-"""Concept fields in no key, so declaring them recomputes nothing: where a concept applies, and the close
-concepts (their images are keyed by their own prompts, and their metric by those images)."""
+KEYLESS_FIELDS = ("model_families", "close_concepts", "reward_judge")
+"""Concept fields in no key, so declaring them recomputes nothing: where a concept applies, the close
+concepts (their images are keyed by their own prompts, and their metric by those images), and the reward
+judge (resolved into the config of the method that uses it, which its artifact key hashes)."""
 
 
 def concept_identity(concept: Concept, without: tuple[str, ...] = ()) -> Any:
@@ -159,6 +163,25 @@ def concept_identity(concept: Concept, without: tuple[str, ...] = ()) -> Any:
         return concept.name
     parsed = _without_descriptions(yaml.safe_load(Path(concept.path).read_text()))
     return {key: value for key, value in parsed.items() if key not in without and key not in KEYLESS_FIELDS}
+
+
+ATTACK_BLIND_FIELDS = (
+    "method_options",
+    "duo_pairs",
+    "duo_strength",
+    "duo_sub_concept_weights",
+    "guide_prompt",
+    "preserve_prompts",
+    "data_judge",
+)
+"""Concept fields no attack reads: how methods train. An attack's results are keyed by the edited model it
+attacked, so a method's training data reaches the key through that model; tuning one method's options in the
+concept file must not recompute every attack on every other method."""
+
+
+def attack_identity(concept: Concept) -> Any:
+    """The part of a concept an attack's results depend on (`ATTACK_BLIND_FIELDS` left out)."""
+    return concept_identity(concept, ATTACK_BLIND_FIELDS)
 
 
 def training_identity(concept: Concept) -> Any:
@@ -222,6 +245,7 @@ def _concept_from_dict(raw: dict[str, Any], path: Path) -> Concept:
         preserve_prompts=tuple(raw.get("preserve_prompts", ())),
         model_families=tuple(str(f) for f in _as_list(raw.get("model_families"))),
         data_judge=raw.get("data_judge") or raw["judge"],
+        reward_judge=str(raw.get("reward_judge") or ""),
         duo_pairs=tuple(DuoPairSpec(**pair) for pair in raw.get("duo_pairs", ())),
         duo_strength=float(raw.get("duo_strength", 0.75)),
         duo_sub_concept_weights=dict(raw.get("duo_sub_concept_weights", {})),
