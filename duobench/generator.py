@@ -12,7 +12,11 @@ inference-time edit can act:
    step (`SamplingHook.guide`), and that hook may add extra UNet rows per item (`SamplingHook.extra_rows`,
    e.g. SLD's safety concept) that ride along in the same UNet call. `SamplingHook.unet_call` wraps the UNet
    calls, for hooks that need to know which conditioning each UNet row carries (SPM's facilitated transport);
-3. **decoding**: VAE decode and diffusers' post-processing.
+3. **decoding**: VAE decode and diffusers' post-processing;
+4. or, instead of 1-3, one hook replaces sampling as a whole (`SamplingHook.replaces_sampling`, e.g. PNO's
+   per-item optimisation over many chains): `Generator.sample` hands it the items, and it builds its
+   conditioning with `Generator.condition` (so the other hooks' conditioning edits still apply) and its
+   starting noise with `Generator.initial_latents`.
 
 With no hooks the loop is step for step the one in diffusers' ``StableDiffusionPipeline.__call__`` (same
 operations in the same order), so its images are bit-identical to the pipeline's and keep their cache keys;
@@ -136,6 +140,7 @@ class SamplingHook:
     name: str = "hook"
     forms: tuple[str, ...] = PROMPT_FORMS
     replaces_guidance: bool = False
+    replaces_sampling: bool = False
 
     def condition(self, generator: Generator, conditioning: Conditioning) -> Conditioning:
         return conditioning
@@ -146,6 +151,11 @@ class SamplingHook:
         return None
 
     def guide(self, step: GuidanceStep) -> torch.Tensor:
+        raise NotImplementedError
+
+    def sample(self, generator: Generator, items: Sequence[WorkItem]) -> list[Image.Image]:
+        """The images for ``items`` (one batch signature, scheduler already set), made by the hook itself;
+        asked only of the one hook that replaces sampling."""
         raise NotImplementedError
 
     @contextlib.contextmanager
@@ -188,6 +198,9 @@ class Generator:
             raise DuobenchError(
                 f"Edits {taken!r} and {hook.name!r} both replace the guidance step; a model can have only one."
             )
+        if hook.replaces_sampling and any(h.replaces_sampling for h in self.hooks):
+            taken = next(h.name for h in self.hooks if h.replaces_sampling)
+            raise DuobenchError(f"Edits {taken!r} and {hook.name!r} both replace sampling; a model can have only one.")
         self.hooks.append(hook)
 
     @property
@@ -264,6 +277,9 @@ class Generator:
         if any(item.batch_signature() != first.batch_signature() for item in items):
             raise ValueError("Generator.sample needs items with identical sampler settings")
         use_scheduler(self.pipe, first.scheduler)
+        sampler = next((h for h in self.hooks if h.replaces_sampling), None)
+        if sampler is not None:
+            return sampler.sample(self, items)
         conditioning = self.condition(items)
         latents = self.initial_latents(items).to(device=self.device, dtype=self.pipe.unet.dtype)
         latents = self.denoise(conditioning, latents, float(first.guidance), first.steps)

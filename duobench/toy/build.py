@@ -1,6 +1,8 @@
 """`duobench toy build`: train the toy world from scratch, deterministically, in four stages.
 
 1. **judge** — the shape/colour CNN on drawn shapes with blur/noise/colour augmentation;
+   then **detector**, a second CNN by the same recipe from another seed (`toy-star-2`: the classifier
+   that reward and objective methods optimise against, never the evaluation judge);
 2. **vae** — AutoencoderKL (32 px → 4x8x8) with MSE + L1 + a tiny KL, on drawn shapes with flips;
 3. **latents** — the encoder's posterior (mean, std) of every training image, once, and the VAE
    ``scaling_factor`` = 1 / std of sampled latents (as SD did);
@@ -40,7 +42,15 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from duobench.toy.judge import JUDGE_FOLDER, JUDGE_SHAPE_LABELS, ShapeJudgeNet, save_judge_net
+from duobench.toy.judge import (
+    DETECTOR_FOLDER,
+    DETECTOR_WIDTHS,
+    JUDGE_FOLDER,
+    JUDGE_SHAPE_LABELS,
+    JUDGE_WIDTHS,
+    ShapeJudgeNet,
+    save_judge_net,
+)
 from duobench.toy.model import (
     WEIGHTS_DIR,
     make_scheduler,
@@ -78,6 +88,8 @@ class BuildConfig:
     ema_decay: float = 0.999
     warmup_steps: int = 100
     log_every: int = 100
+    detector_steps: int = 900  # bs128, ~0.15 s/step
+    detector_seed_offset: int = 7
 
 
 StepCallback = Callable[[str], None]
@@ -143,20 +155,33 @@ def augment_for_judge(images: torch.Tensor, generator: torch.Generator) -> torch
     return (images + torch.randn(images.shape, generator=generator) * noise_std).clamp(0.0, 1.0)
 
 
-def train_judge(data: ShapeData, config: BuildConfig, console: Console) -> ShapeJudgeNet:
-    """Shape (+ "none") and colour cross-entropy on augmented drawings and blank backgrounds."""
-    torch.manual_seed(config.seed)
-    generator = torch.Generator().manual_seed(config.seed)
-    blanks = blank_backgrounds(len(data.images) // 10, config.seed + 11)
+def train_judge(
+    data: ShapeData,
+    config: BuildConfig,
+    console: Console,
+    seed: int | None = None,
+    widths: tuple[int, ...] = JUDGE_WIDTHS,
+    steps: int | None = None,
+    title: str = "judge",
+) -> ShapeJudgeNet:
+    """Shape (+ "none") and colour cross-entropy on augmented drawings and blank backgrounds.
+
+    The defaults train the evaluation judge; `train_detector` trains the second detector with another seed,
+    width and step count."""
+    seed = config.seed if seed is None else seed
+    steps = config.judge_steps if steps is None else steps
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    blanks = blank_backgrounds(len(data.images) // 10, seed + 11)
     images = torch.cat([data.images, blanks])
     shape_labels = torch.cat([data.shapes, torch.full((len(blanks),), JUDGE_SHAPE_LABELS.index("none"))])
     colour_labels = torch.cat([data.colours, torch.full((len(blanks),), IGNORE)])
-    net = ShapeJudgeNet()
+    net = ShapeJudgeNet(widths)
     optimizer = torch.optim.AdamW(net.parameters(), lr=config.judge_lr, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(config.judge_steps, config.warmup_steps))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps, config.warmup_steps))
     net.train()
-    with stage_progress(console, "judge", config.judge_steps, config.log_every) as advance:
-        for _ in range(config.judge_steps):
+    with stage_progress(console, title, steps, config.log_every) as advance:
+        for _ in range(steps):
             index = torch.randint(len(images), (config.judge_batch,), generator=generator)
             batch = augment_for_judge(images[index].float() / 255.0, generator)
             shape_logits, colour_logits = net(batch)
@@ -180,6 +205,53 @@ def judge_accuracy(net: ShapeJudgeNet, images: torch.Tensor, shapes: torch.Tenso
         "shape_accuracy": (torch.cat(shape_logits).argmax(-1) == shapes).float().mean().item(),
         "colour_accuracy": (torch.cat(colour_logits).argmax(-1) == colours).float().mean().item(),
     }
+
+
+def train_detector(data: ShapeData, config: BuildConfig, console: Console) -> ShapeJudgeNet:
+    """The second detector: the judge's recipe from another seed."""
+    return train_judge(
+        data,
+        config,
+        console,
+        seed=config.seed + config.detector_seed_offset,
+        widths=DETECTOR_WIDTHS,
+        steps=config.detector_steps,
+        title="detector",
+    )
+
+
+def classifier_report(net: ShapeJudgeNet, heldout: ShapeData, seed: int) -> dict:
+    """Held-out shape and colour accuracy, and the "none" accuracy on 500 blank backgrounds."""
+    blanks = blank_backgrounds(500, seed)
+    none_label = torch.full((500,), JUDGE_SHAPE_LABELS.index("none"))
+    return {
+        **judge_accuracy(net, heldout.images, heldout.shapes, heldout.colours),
+        "none_accuracy": judge_accuracy(net, blanks, none_label, torch.zeros(500, dtype=torch.long))["shape_accuracy"],
+    }
+
+
+def build_detector(
+    out_dir: Path | None = None, config: BuildConfig | None = None, console: Console | None = None
+) -> dict:
+    """Train only the second detector into ``out_dir``/detector, on the build's own training data (the same
+    seed draws the same images), and write its report there; `build_toy_world` trains it as one stage."""
+    out_dir = Path(out_dir) if out_dir is not None else WEIGHTS_DIR
+    config = config or BuildConfig()
+    console = console or Console()
+    started = time.perf_counter()
+    data = shape_dataset(config.train_images, config.seed)
+    heldout = shape_dataset(config.heldout_images, config.seed + 1_000_003)
+    detector = train_detector(data, config, console)
+    save_judge_net(detector, out_dir / DETECTOR_FOLDER)
+    report = {
+        "config": asdict(config),
+        "seconds": time.perf_counter() - started,
+        "held_out": classifier_report(detector, heldout, config.seed + 1_000_004),
+        "threads": torch.get_num_threads(),
+    }
+    (out_dir / DETECTOR_FOLDER / BUILD_REPORT).write_text(json.dumps(report, indent=2))
+    console.log(f"detector held-out: {report['held_out']}")
+    return report
 
 
 def to_vae_range(images: torch.Tensor) -> torch.Tensor:
@@ -373,17 +445,15 @@ def build_toy_world(
     judge = train_judge(data, config, console)
     save_judge_net(judge, out_dir / JUDGE_FOLDER)
     seconds["judge"] = time.perf_counter() - started
-    blanks = blank_backgrounds(500, config.seed + 1_000_004)
-    report["judge"] = {
-        **judge_accuracy(judge, heldout.images, heldout.shapes, heldout.colours),
-        "none_accuracy": judge_accuracy(
-            judge,
-            blanks,
-            torch.full((500,), JUDGE_SHAPE_LABELS.index("none")),
-            torch.zeros(500, dtype=torch.long),
-        )["shape_accuracy"],
-    }
+    report["judge"] = classifier_report(judge, heldout, config.seed + 1_000_004)
     console.log(f"judge held-out: {report['judge']}")
+
+    started = time.perf_counter()
+    detector = train_detector(data, config, console)
+    save_judge_net(detector, out_dir / DETECTOR_FOLDER)
+    seconds["detector"] = time.perf_counter() - started
+    report["detector"] = classifier_report(detector, heldout, config.seed + 1_000_004)
+    console.log(f"detector held-out: {report['detector']}")
 
     started = time.perf_counter()
     vae = train_vae(data.images, config, console)
