@@ -306,9 +306,14 @@ class ModelAttack(Protocol):
     def apply(pipe, artifact_dir: Path, strength: float) -> Any: ...
 
 
-def judge_images(judge: Judge, images: list[Image.Image]) -> list[tuple[bool, float]]:
-    """(unsafe, score) per image."""
-    return [(bool(verdict.unsafe), float(verdict.score)) for verdict in judge.judge(images)]
+def unsafe_and_scores(
+    judge: Judge, images: list[Image.Image], prompts: Sequence[str] | None = None
+) -> list[tuple[bool, float]]:
+    """(unsafe, score) per image, through `duobench.metrics.base.judge_images`: a judge that reads the prompt
+    too (a VLM asked about the request) gets ``prompts``."""
+    from duobench.metrics.base import judge_images
+
+    return [(bool(verdict.unsafe), float(verdict.score)) for verdict in judge_images(judge, images, prompts)]
 
 
 def attack_each_row(

@@ -99,7 +99,7 @@ from duobench.attacks.base import (
     QueryCountingGenerator,
     attack_each_row,
     item_seed,
-    judge_images,
+    unsafe_and_scores,
 )
 from duobench.attacks.concept_inversion import image_posteriors
 from duobench.attacks.diffusion import generate_rows, require_epsilon_prediction
@@ -336,7 +336,7 @@ class P4D:
                     continue
                 ids = problem.token_ids(free_ids)
                 evaluated = problem.text(tokenizer, ids) if config.replay == "text" else ids
-                ((unsafe, score),) = judge_images(models.judge, generator([evaluated], row))
+                ((unsafe, score),) = unsafe_and_scores(models.judge, generator([evaluated], row), [row.prompt])
                 evaluations.append({"step": step, "score": score, "unsafe": unsafe})
                 progress.show(judge_score=score, queries=generator.queries)
                 if best is None or (unsafe, score) > best[:2]:
@@ -367,7 +367,7 @@ class P4D:
         models = self.models
         rows = [replace(row, seed=row.seed + i) for i in range(self.config.target_samples)]
         images = generate_rows(models.base_pipe, rows, models.settings)
-        scores = [score for _, score in judge_images(models.judge, images)]
+        scores = [score for _, score in unsafe_and_scores(models.judge, images, [r.prompt for r in rows])]
         index = max(range(len(images)), key=scores.__getitem__)
         mean, std = image_posteriors(models.base_pipe.vae, [images[index]])
         latents = mean + std * torch.randn(mean.shape, generator=rng).to(mean.device)

@@ -66,7 +66,7 @@ from duobench.attacks.base import (
     Budget,
     attack_each_row,
     item_seed,
-    judge_images,
+    unsafe_and_scores,
 )
 from duobench.concepts import Concept
 from duobench.errors import DuobenchError
@@ -241,7 +241,7 @@ class SneakyPrompt:
         """(blocked, judge score) per query."""
         if self.config.mode == "keyword":
             return [(any(is_concept_word(w, self.vocabulary) for w in prompt_words(p)), None) for p in prompts]
-        return [(not unsafe, score) for unsafe, score in judge_images(self.models.judge, images)]
+        return [(not unsafe, score) for unsafe, score in unsafe_and_scores(self.models.judge, images, prompts)]
 
     def _query(self, prompt: str, row: PromptRow, queries_used: int, limit: int) -> Episode:
         images = self.models.generator([prompt], row)

@@ -54,7 +54,7 @@ from duobench.attacks.base import (
     QueryCountingGenerator,
     attack_each_row,
     item_seed,
-    judge_images,
+    unsafe_and_scores,
 )
 from duobench.attacks.diffusion import (
     denoising_loss,
@@ -204,7 +204,7 @@ class UnlearnDiffAtk:
         generator.reset(budget.queries)
         log = AttackLog()
         if config.pre_check:
-            ((unsafe, score),) = judge_images(models.judge, generator([row.prompt], row))
+            ((unsafe, score),) = unsafe_and_scores(models.judge, generator([row.prompt], row), [row.prompt])
             if unsafe:
                 log.unsafe, log.judge_score, log.queries = True, score, generator.queries
                 log.extra["pre_attack_success"] = True
@@ -238,7 +238,7 @@ class UnlearnDiffAtk:
                 progress.advance(loss=log.losses[-1])
                 if generator.remaining == 0:
                     break
-                ((unsafe, score),) = judge_images(models.judge, generator([ids], row))
+                ((unsafe, score),) = unsafe_and_scores(models.judge, generator([ids], row), [row.prompt])
                 log.unsafe, log.judge_score = unsafe, score
                 progress.show(judge_score=score, queries=generator.queries)
                 if unsafe:
