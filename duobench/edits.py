@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from duobench.errors import DuobenchError
-from duobench.generator import Generator, SamplingHook
+from duobench.generator import Generator, SamplingHook, generator_for
 from duobench.stages import stable_hash
 
 EDIT_SOURCES = ("method", "attack")
@@ -126,7 +126,7 @@ def build_system(pipe, base_fingerprint: str, edits: Sequence[Edit] = ()) -> Sys
         if hook is not None:
             hooks.append(hook)
     try:
-        generator = Generator(pipe, hooks)
+        generator = generator_for(pipe, hooks)
     except DuobenchError:
         for hook in hooks:
             hook.remove()
@@ -140,4 +140,4 @@ def as_system(model) -> System:
         return model
     from duobench.models import pipeline_fingerprint
 
-    return System(pipe=model, generator=Generator(model), base_fingerprint=pipeline_fingerprint(model))
+    return System(pipe=model, generator=generator_for(model), base_fingerprint=pipeline_fingerprint(model))

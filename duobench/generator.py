@@ -349,6 +349,21 @@ def _step_kwargs(scheduler) -> dict[str, Any]:
     return kwargs
 
 
-def as_generator(model) -> Generator:
-    """A `Generator` as it is, or the plain generator of a diffusers pipeline."""
-    return model if isinstance(model, Generator) else Generator(model)
+def generator_for(pipe, hooks: Sequence[SamplingHook] = ()):
+    """The generator of the pipeline's model family: `Generator` for SD1-style pipelines, SD3's
+    `duobench.sd3.SD3Generator` (same calls) for Stable Diffusion 3."""
+    from duobench.models import pipeline_family
+
+    if pipeline_family(pipe) == "sd3":
+        from duobench.sd3 import SD3Generator
+
+        return SD3Generator(pipe, hooks)
+    return Generator(pipe, hooks)
+
+
+def as_generator(model):
+    """A generator as it is (a `Generator`, or SD3's `duobench.sd3.SD3Generator`), or the plain generator of a
+    diffusers pipeline's family (`generator_for`)."""
+    from duobench.sd3 import SD3Generator
+
+    return model if isinstance(model, Generator | SD3Generator) else generator_for(model)

@@ -9,7 +9,9 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-SCHEDULERS = ("pndm", "ddim", "lms", "euler", "dpm++")
+SCHEDULERS = ("pndm", "ddim", "lms", "euler", "dpm++", "flow-euler")
+"""The SD1 samplers (`duobench.generator.SCHEDULER_CLASSES`), and ``flow-euler``: SD3's flow-matching Euler,
+the one sampler `duobench.sd3.SD3Generator` takes (a name for SD3's items; no SD1 item carries it)."""
 
 
 @dataclass(frozen=True)

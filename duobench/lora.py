@@ -4,9 +4,9 @@ format, and load saved adapters onto a pipeline at a scale.
 Used by DUO (trains and applies its LoRA), ``external`` (applies an imported LoRA) and any method that
 writes the same artifact layout: a ``card.json`` whose ``loras`` list names each adapter as
 ``{name, folder, weight}``, and one ``pytorch_lora_weights.safetensors`` per folder, loadable with
-``pipe.load_lora_weights(folder)``. Adapters live inside the UNet (peft), so they suit edits that the
-runner applies to its own fresh copy of the model; an attack, which must not change the model it is handed,
-attaches its adapters as forward hooks instead (`duobench.attacks.finetune`).
+``pipe.load_lora_weights(folder)``. Adapters live inside the UNet (or SD3's transformer; peft), so they suit
+edits that the runner applies to its own fresh copy of the model; an attack, which must not change the model it
+is handed, attaches its adapters as forward hooks instead (`duobench.attacks.finetune`).
 """
 
 from __future__ import annotations
@@ -62,7 +62,11 @@ def lora_attached(
 
 
 def save_lora(unet, folder: Path) -> Path:
-    """Write the adapter attached by `lora_attached` as ``pytorch_lora_weights.safetensors``."""
+    """Write the adapter attached by `lora_attached` as ``pytorch_lora_weights.safetensors``.
+
+    ``unet`` may be SD3's transformer: its file is then the SD3 layout (``transformer.*`` keys in peft's
+    naming, as diffusers' SD3 LoRA training scripts write it), loadable by ``StableDiffusion3Pipeline``.
+    """
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
@@ -72,6 +76,16 @@ def save_lora(unet, folder: Path) -> Path:
     metadata = unet.peft_config[TRAIN_ADAPTER].to_dict()
     metadata["target_modules"] = sorted(metadata["target_modules"])  # a set: sorted, so files are reproducible
     folder.mkdir(parents=True, exist_ok=True)
+    if _is_sd3_transformer(unet):
+        from diffusers import StableDiffusion3Pipeline
+
+        StableDiffusion3Pipeline.save_lora_weights(
+            save_directory=folder,
+            transformer_lora_layers=state,
+            weight_name=LORA_WEIGHTS_NAME,
+            transformer_lora_adapter_metadata=metadata,
+        )
+        return folder / LORA_WEIGHTS_NAME
     StableDiffusionPipeline.save_lora_weights(
         save_directory=folder,
         unet_lora_layers=convert_state_dict_to_diffusers(state),
@@ -85,8 +99,11 @@ def apply_loras(pipe, artifact_dir: Path, loras: Sequence[dict[str, Any]], stren
     """Load each of ``loras`` (``{name, folder, weight}``, folders relative to ``artifact_dir``) into
     ``pipe`` and scale it by ``strength × weight``. Calling again with another strength only rescales:
     the weights load once per pipe."""
+    from duobench.models import pipeline_family
+
     artifact_dir = Path(artifact_dir)
-    loaded = set(pipe.get_list_adapters().get("unet", []))
+    denoiser = "transformer" if pipeline_family(pipe) == "sd3" else "unet"
+    loaded = set(pipe.get_list_adapters().get(denoiser, []))
     names, weights = [], []
     for lora in loras:
         folder = artifact_dir / lora["folder"]
@@ -98,6 +115,12 @@ def apply_loras(pipe, artifact_dir: Path, loras: Sequence[dict[str, Any]], stren
         names.append(name)
         weights.append(strength * float(lora["weight"]))
     pipe.set_adapters(names, adapter_weights=weights)
+
+
+def _is_sd3_transformer(model) -> bool:
+    from diffusers import SD3Transformer2DModel
+
+    return isinstance(model, SD3Transformer2DModel)
 
 
 def adapter_name(prefix: str, artifact_dir: Path, lora: str) -> str:

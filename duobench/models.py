@@ -9,7 +9,13 @@
 
 Offline with no weights, loading fails with one `DuobenchError` naming the model and the ways to provide it.
 Every loader returns a `StableDiffusionPipeline` with the safety checker off (judging is our job) and the
-progress bar silenced (the engine has its own).
+progress bar silenced (the engine has its own); or, for a Stable Diffusion 3 model, a
+`StableDiffusion3Pipeline` (`pipeline_family` tells them apart). SD3 is recognised by a local folder's
+``model_index.json`` (its ``_class_name``) or by a hub id with ``stable-diffusion-3`` in its name
+(``stabilityai/stable-diffusion-3-medium-diffusers``); a registered name's loader returns either.
+
+On SD3 duobench runs DUO and no attack (`SD3_SUPPORT`): every other method and attack works on SD1's UNet
+and its single CLIP encoder, and `check_model_support` refuses them by name before any work.
 """
 
 from __future__ import annotations
@@ -25,6 +31,12 @@ from duobench.errors import DuobenchError
 from duobench.registry import MODELS
 
 DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
+SD3_MEDIUM = "stabilityai/stable-diffusion-3-medium-diffusers"
+
+SD3_SUPPORT = {"method": ("none", "duo"), "attack": ("none",)}
+"""What runs on an SD3 pipeline. The others act on SD1's UNet (ESD, UCE, SDD, SafeGen, SPM's adapters), on its
+(77, D) CLIP conditioning and guidance step (SLD, SAFREE, SD-NP, PNO: sampling hooks, which `SD3Generator`
+does not take), or optimise through SD1's text encoder or UNet (the white-box attacks)."""
 
 
 def default_device() -> torch.device:
@@ -47,9 +59,50 @@ def load_pipeline(model: str, device: torch.device | str | None = None, dtype: t
     return prepare_pipeline(pipe, device, dtype)
 
 
+def pipeline_family(pipe) -> str:
+    """``sd3`` for a Stable Diffusion 3 pipeline (an MMDiT transformer and a third, T5 text encoder among its
+    components), ``sd1`` for everything else: the SD1-style UNet pipelines (SD1.x, SD2.x, the toy model)."""
+    components = getattr(pipe, "components", None)
+    if isinstance(components, dict) and "transformer" in components and "text_encoder_3" in components:
+        return "sd3"
+    return "sd1"
+
+
+def denoiser(pipe):
+    """The network that denoises: SD3's transformer, or the UNet."""
+    return pipe.transformer if pipeline_family(pipe) == "sd3" else pipe.unet
+
+
+def check_model_support(pipe, method: str = "none", attack: str = "none") -> None:
+    """Refuse a method or attack that cannot run on ``pipe``'s model family, naming the family; call it as
+    soon as the base model is loaded, before anything trains or generates."""
+    if pipeline_family(pipe) != "sd3":
+        return
+    refused = [
+        f"{kind} {name!r}" for kind, name in (("method", method), ("attack", attack)) if name not in SD3_SUPPORT[kind]
+    ]
+    if refused:
+        raise DuobenchError(
+            f"The {' and '.join(refused)} cannot run on this model: it is a Stable Diffusion 3 pipeline (model "
+            "family sd3: an MMDiT transformer, CLIP-L + CLIP-G + T5 text encoders, flow-matching sampler), and "
+            f"{'they act' if len(refused) > 1 else 'it acts'} on SD1's UNet, CLIP conditioning or guidance step. "
+            f"On SD3 duobench runs the methods {' and '.join(SD3_SUPPORT['method'])}, and the attack "
+            f"{' and '.join(SD3_SUPPORT['attack'])}."
+        )
+
+
 def prepare_pipeline(pipe, device: torch.device, dtype: torch.dtype):
     """Move to ``device``, drop the safety checker, silence the per-call progress bar; on a GPU use SDPA and
-    allow TF32."""
+    allow TF32. SD3 has no safety checker and its transformer uses SDPA already."""
+    if pipeline_family(pipe) == "sd3":
+        pipe.set_progress_bar_config(disable=True)
+        if pipe.transformer.dtype != dtype:
+            pipe.to(dtype=dtype)
+        pipe.to(device=device)
+        if device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        return pipe
     pipe.safety_checker = None
     pipe.requires_safety_checker = False
     if hasattr(pipe, "feature_extractor") and pipe.safety_checker is None:
@@ -79,6 +132,8 @@ def _load_external(model: str, dtype: torch.dtype):
     from diffusers import StableDiffusionPipeline
 
     path = Path(model).expanduser()
+    if _names_sd3(model, path):
+        return _load_sd3(model, path, dtype)
     if path.is_dir():
         if not (path / "model_index.json").exists():
             raise DuobenchError(
@@ -104,6 +159,32 @@ def _load_external(model: str, dtype: torch.dtype):
         except unreachable_errors() as error:  # offline, gated, or the id is wrong
             raise DuobenchError(_unreachable_message(model, error)) from error
     raise DuobenchError(_unreachable_message(model, None))
+
+
+def _names_sd3(model: str, path: Path) -> bool:
+    """A diffusers folder whose ``model_index.json`` names an SD3 pipeline, or a hub id that says SD3."""
+    if path.is_dir():
+        try:
+            index = json.loads((path / "model_index.json").read_text())
+        except (OSError, ValueError):
+            return False
+        return str(index.get("_class_name", "")).startswith("StableDiffusion3")
+    return model.count("/") == 1 and not path.exists() and "stable-diffusion-3" in model.lower()
+
+
+def _load_sd3(model: str, path: Path, dtype: torch.dtype):
+    from diffusers import StableDiffusion3Pipeline
+
+    try:
+        return StableDiffusion3Pipeline.from_pretrained(path if path.is_dir() else model, torch_dtype=dtype)
+    except unreachable_errors() as error:  # offline, gated (SD3 medium needs its licence accepted), wrong id
+        raise DuobenchError(_unreachable_message(model, error)) from error
+
+
+def load_sd3_medium(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+    """Stable Diffusion 3 medium from the HF hub (gated: accept its licence once, then log in), the base
+    model of DUO's SD3 results; a registry loader, prepared by `load_pipeline`."""
+    return _load_sd3(SD3_MEDIUM, Path(SD3_MEDIUM), dtype)
 
 
 def unreachable_errors() -> tuple[type[BaseException], ...]:
@@ -149,15 +230,21 @@ def _unreachable_message(model: str, error: Exception | None) -> str:
     )
 
 
+FINGERPRINTED_COMPONENTS = ("unet", "text_encoder", "vae", "transformer", "text_encoder_2", "text_encoder_3")
+"""SD1's three, then SD3's other networks. An SD1 pipeline has none of the last three, so its fingerprint is
+what it was before SD3 existed, and the cached images keep their keys."""
+
+
 def pipeline_fingerprint(pipe) -> str:
-    """A short hash of the weights and configs of a pipeline's UNet, text encoder and VAE.
+    """A short hash of the weights and configs of a pipeline's networks: UNet (or SD3's transformer), text
+    encoder(s) and VAE.
 
     Keys the image cache, so that an image is reused only for the exact same weights. Hashing every tensor
     of SD1.4 takes a few seconds on CPU; for the cache key we hash shapes plus a strided sample of values,
     which changes whenever a method edits the weights. The sampler is part of each item, not of the model.
     """
     digest = hashlib.sha256()
-    for component_name in ("unet", "text_encoder", "vae"):
+    for component_name in FINGERPRINTED_COMPONENTS:
         component = getattr(pipe, component_name, None)
         if component is None:
             continue
@@ -206,17 +293,36 @@ def tiny_random_pipeline(device: torch.device | str = "cpu", dtype: torch.dtype 
     return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
 
 
+SD3_SAMPLER_DEFAULTS = {"steps": 28, "guidance": 7.0, "scheduler": "flow-euler"}
+"""``StableDiffusion3Pipeline``'s own defaults, which the official DUO-SD3 data script uses (its T5 length,
+256, is not one: duobench encodes 77 T5 tokens, `duobench.sd3.MAX_SEQUENCE_LENGTH`)."""
+
+
 def default_sampler_settings(pipe, concept=None):
     """The model's own sampling defaults: native resolution, plus any ``duobench_sampler_defaults`` a model
-    loader attached (the toy world samples with DDIM in few steps); otherwise SD1.4's PNDM 50 steps, CFG 7.5.
-    A concept's ``generation`` block (its protocol's sampler) overrides them."""
+    loader attached (the toy world samples with DDIM in few steps); otherwise SD1.4's PNDM 50 steps, CFG 7.5,
+    or on SD3 its pipeline's flow-matching Euler 28 steps, CFG 7.0 (`SD3_SAMPLER_DEFAULTS`). A concept's
+    ``generation`` block (its protocol's sampler) overrides them."""
     from duobench.items import SamplerSettings
 
-    native = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    values = {"height": native, "width": native, **getattr(pipe, "duobench_sampler_defaults", {})}
+    if pipeline_family(pipe) == "sd3":
+        native = pipe.transformer.config.sample_size * pipe.vae_scale_factor
+        values = {"height": native, "width": native, **SD3_SAMPLER_DEFAULTS}
+        values.update(getattr(pipe, "duobench_sampler_defaults", {}))
+    else:
+        native = pipe.unet.config.sample_size * pipe.vae_scale_factor
+        values = {"height": native, "width": native, **getattr(pipe, "duobench_sampler_defaults", {})}
     if concept is None:
         return SamplerSettings.from_dict(values)
     try:
-        return SamplerSettings.from_dict({**values, **concept.generation})
+        settings = SamplerSettings.from_dict({**values, **concept.generation})
     except ValueError as error:
         raise DuobenchError(f"Concept {concept.name!r} has bad generation settings: {error}") from error
+    if pipeline_family(pipe) == "sd3" and settings.scheduler != SD3_SAMPLER_DEFAULTS["scheduler"]:
+        raise DuobenchError(
+            f"Concept {concept.name!r} samples with {settings.scheduler!r} (its generation settings), an SD1 "
+            "sampler, but this model is a Stable Diffusion 3 pipeline (model family sd3), which samples with "
+            "flow-matching Euler ('flow-euler'). Use a concept whose generation settings are made for SD3, or "
+            "leave the scheduler out of them."
+        )
+    return settings

@@ -286,6 +286,14 @@ BUILTIN_PLUGINS: dict[str, dict[str, tuple[str, str]]] = {
             "duobench.toy.model:load_toy_pipeline",
             "toy SD1-architecture model of drawn shapes (32 px, CPU)",
         ),
+        "tiny-random-sd3": (
+            "duobench.sd3:tiny_random_sd3_pipeline",
+            "tiny random SD3-architecture pipeline (tests)",
+        ),
+        "sd3-medium": (
+            "duobench.models:load_sd3_medium",
+            "Stable Diffusion 3 medium (stabilityai/stable-diffusion-3-medium-diffusers, gated on the HF hub)",
+        ),
     },
 }
 

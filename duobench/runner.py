@@ -185,7 +185,7 @@ def prepare(
     turns it off)."""
     from duobench.distributed import main_process_first
     from duobench.methods import read_card, train_or_load
-    from duobench.models import default_sampler_settings, load_pipeline, pipeline_fingerprint
+    from duobench.models import check_model_support, default_sampler_settings, load_pipeline, pipeline_fingerprint
     from duobench.workload import log_plan
 
     if plan is None:
@@ -194,6 +194,7 @@ def prepare(
     concept = plan.concept
     apply_threads(config)
     base_pipe = base if base is not None else load_pipeline(config.model, device=config.device)
+    check_model_support(base_pipe, config.method, config.attack)  # before anything trains or generates
     if base_pipe.device.type == "cpu":
         import torch
 
@@ -521,6 +522,7 @@ def build_summary(
     n_attack: int,
 ) -> dict[str, Any]:
     from duobench.distributed import process_info
+    from duobench.models import denoiser
     from duobench.provenance import artifact_sha256, environment, git_commit
 
     config = context.config
@@ -568,7 +570,7 @@ def build_summary(
         "git_commit": git_commit(),
         "environment": {
             **environment(context.base.pipe.device),
-            "dtype": str(context.base.pipe.unet.dtype).removeprefix("torch."),
+            "dtype": str(denoiser(context.base.pipe).dtype).removeprefix("torch."),
             **({"processes": processes} if (processes := process_info().world_size) > 1 else {}),
         },
     }

@@ -15,16 +15,19 @@ was drawn in), and the loop is step for step the one in diffusers' ``StableDiffu
 (same operations in the same order), so with the same starting latents its images are bit-identical to the
 pipeline's; `tests/test_sd3.py` holds it to both.
 
-Not yet wired into the runner; where SD3 differs from what the runner assumes of a model:
+Wired into the runner through the family switch in `duobench.generator.Generator` (a generator built from
+an SD3 pipeline is this one) and `duobench.models` (loading, fingerprint, sampler defaults). Where SD3
+differs from what the runner assumes of a model:
 
 - the T5 sequence length is part of the conditioning. DUO trains SD3 with 77 T5 tokens (the official
   ``--max_sequence_length`` default) while diffusers' pipeline defaults to 256; the generator uses 77 unless
   the item carries a ``max_sequence_length`` attribute (`WorkItem` has no such field yet);
-- the item's ``scheduler`` names an SD1 sampler and is ignored: SD3 samples with the pipeline's own
-  flow-matching Euler scheduler;
+- SD3 samples with the pipeline's own flow-matching Euler scheduler, which items name ``flow-euler`` (the
+  SD3 default of `duobench.models.default_sampler_settings`); an item naming an SD1 sampler is refused;
 - prompts come as text only. Exact token ids and saved embeddings are SD1's single-encoder forms and are
   refused with a `DuobenchError`;
-- there are no sampling hooks yet (SD1's inference-time defenses act on a UNet's (77, D) conditioning).
+- there are no sampling hooks (SD1's inference-time defenses act on a UNet's (77, D) conditioning): an edit
+  that returns one is refused, naming the model family.
 """
 
 from __future__ import annotations
@@ -187,12 +190,44 @@ class SD3Conditioning:
     negative_pooled_embeds: torch.Tensor | None
 
 
-class SD3Generator:
-    """Samples work items with a diffusers ``StableDiffusion3Pipeline``: condition, denoise, decode."""
+SCHEDULER = "flow-euler"
+"""The one sampler SD3 items may name: the pipeline's ``FlowMatchEulerDiscreteScheduler``."""
 
-    def __init__(self, pipe, max_sequence_length: int = MAX_SEQUENCE_LENGTH) -> None:
+
+class SD3Generator:
+    """Samples work items with a diffusers ``StableDiffusion3Pipeline``: condition, denoise, decode.
+
+    It answers the calls the engine and the runner make of `duobench.generator.Generator` (``pipe``,
+    ``device``, ``sample``, ``hooks``, ``uncovered_forms``); ``hooks`` is always empty.
+    """
+
+    def __init__(
+        self,
+        pipe,
+        hooks: Sequence = (),
+        decode_chunk: int | None = None,
+        max_sequence_length: int = MAX_SEQUENCE_LENGTH,
+    ) -> None:
+        from duobench.generator import GPU_DECODE_CHUNK
+
         self.pipe = pipe
         self.max_sequence_length = max_sequence_length
+        self.decode_chunk = decode_chunk or (GPU_DECODE_CHUNK if self.device.type == "cuda" else None)
+        """Latents per VAE decoder call; None decodes the whole batch at once."""
+        self.hooks: list = []
+        for hook in hooks:
+            self.add_hook(hook)
+
+    def add_hook(self, hook) -> None:
+        """Refused: SD1's inference-time edits act on a UNet's (77, D) CLIP conditioning and guidance step."""
+        raise DuobenchError(
+            f"The edit {getattr(hook, 'name', type(hook).__name__)!r} acts at inference on SD1's UNet and CLIP "
+            "conditioning, but this model is a Stable Diffusion 3 pipeline (model family sd3), whose generator "
+            "takes no sampling hooks. On SD3 duobench runs weight edits only (DUO's LoRA)."
+        )
+
+    def uncovered_forms(self) -> dict[str, list[str]]:
+        return {}
 
     @property
     def device(self) -> torch.device:
@@ -243,6 +278,12 @@ class SD3Generator:
         first = items[0]
         if any(item.batch_signature() != first.batch_signature() for item in items):
             raise ValueError("SD3Generator.sample needs items with identical sampler settings")
+        if first.scheduler != SCHEDULER:
+            raise DuobenchError(
+                f"SD3 samples with its flow-matching Euler scheduler ({SCHEDULER!r}); these items ask for "
+                f"{first.scheduler!r}, an SD1 sampler. Leave the scheduler out of the concept's generation "
+                "settings to use the model's own."
+            )
         guidance = float(first.guidance)
         conditioning = self.condition(items, guidance)
         # The pipeline's `prepare_latents` casts given latents to the prompt embeddings' dtype.
@@ -301,5 +342,6 @@ class SD3Generator:
         """Undo SD3's latent normalisation, VAE-decode, and post-process as the pipeline does."""
         vae = self.pipe.vae
         latents = (latents / vae.config.scaling_factor) + vae.config.shift_factor
-        image = vae.decode(latents, return_dict=False)[0]
+        chunks = latents.split(self.decode_chunk or len(latents))
+        image = torch.cat([vae.decode(chunk, return_dict=False)[0] for chunk in chunks])
         return [image.convert("RGB") for image in self.pipe.image_processor.postprocess(image, output_type="pil")]

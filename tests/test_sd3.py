@@ -23,7 +23,9 @@ def sd3_pipe():
 def sd3_items(guidance=7.0, negatives=("", "blurry", "")):
     prompts = [("a red star", 0), ("a blue circle", 1), ("", 2)]
     return [
-        WorkItem(prompt=p, seed=s, steps=4, height=32, width=32, guidance=guidance, negative_prompt=n)
+        WorkItem(
+            prompt=p, seed=s, steps=4, height=32, width=32, guidance=guidance, negative_prompt=n, scheduler="flow-euler"
+        )
         for (p, s), n in zip(prompts, negatives, strict=True)
     ]
 
@@ -98,7 +100,9 @@ def test_t5_takes_77_tokens_unless_told_otherwise(sd3_pipe):
 
 
 def test_sd3_takes_text_prompts_only(sd3_pipe):
-    item = WorkItem(prompt="x", seed=0, steps=2, height=32, width=32, token_ids=tuple(range(77)))
+    item = WorkItem(
+        prompt="x", seed=0, steps=2, height=32, width=32, token_ids=tuple(range(77)), scheduler="flow-euler"
+    )
     with pytest.raises(DuobenchError, match="text only"):
         SD3Generator(sd3_pipe).sample([item])
 

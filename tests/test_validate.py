@@ -37,12 +37,9 @@ def test_a_concept_refuses_a_model_family_it_is_not_made_for_before_any_model_lo
 
     monkeypatch.setattr("duobench.models.load_pipeline", forbidden)
 
-    assert [model_family(m) for m in ("toy", "tiny-random", "CompVis/stable-diffusion-v1-4", "/x/model.ckpt")] == [
-        "toy",
-        "tiny-random",
-        "sd",
-        "sd",
-    ]
+    models = ("toy", "tiny-random", "CompVis/stable-diffusion-v1-4", "/x/model.ckpt", "tiny-random-sd3", "sd3-medium")
+    assert [model_family(m) for m in models] == ["toy", "tiny-random", "sd", "sd", "tiny-random-sd3", "sd3"]
+    assert model_family("stabilityai/stable-diffusion-3-medium-diffusers") == "sd3"
     detail = failures(concept="nudity")["model family"]
     assert "--model toy is the toy shapes world" in detail and "--concept star (or leave --concept out)" in detail
     assert "--model CompVis/stable-diffusion-v1-4" in detail

@@ -9,6 +9,11 @@ violence concept file asks for 32 horror pairs like the other sub-concepts, whic
 The artifact folder holds ``card.json`` and one ``pytorch_lora_weights.safetensors`` per LoRA: at the top for
 a single concept, in ``<sub_concept>/`` otherwise. Each file loads with ``pipe.load_lora_weights(folder)``.
 Periodic ``checkpoint-<step>/`` folders and a ``training_log.jsonl`` sit beside each file.
+
+On Stable Diffusion 3 (`duobench.models.pipeline_family`) the same steps run with SD3's pieces: pairs from
+SD3 and its img2img (`duobench.duo.pairs`), the loss and loop of `duobench.duo.sd3_train`, a LoRA on the
+transformer that ``apply`` loads into ``pipe.transformer``; the card adds ``model_family: sd3``. The config's
+defaults are SD1's; the official SD3 recipe sets ``base_lr=3e-5`` and ``t_min=1`` (`duobench.duo.sd3_train`).
 """
 
 from __future__ import annotations
@@ -97,17 +102,20 @@ def train(config: DuoConfig, pipe, concept: Concept, out_dir: Path) -> None:
     The base ``pipe`` is left as it was: the LoRA is removed after training and the scheduler restored.
     """
     from accelerate import PartialState
-    from diffusers import DDPMScheduler
 
-    from duobench.generator import encode_token_ids, tokenize
-    from duobench.models import pipeline_fingerprint
+    from duobench.models import denoiser, pipeline_family, pipeline_fingerprint
 
     out_dir = Path(out_dir)
-    state = PartialState(cpu=pipe.unet.device.type == "cpu")
+    family = pipeline_family(pipe)
+    state = PartialState(cpu=denoiser(pipe).device.type == "cpu")
     base_fingerprint = pipeline_fingerprint(pipe)
     judge = load_judge(concept.data_judge)
-    null_embedding = encode_token_ids(pipe, tokenize(pipe, [""])).detach()
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    if family == "sd3":
+        from duobench.duo.sd3_train import sd3_pair_trainer
+
+        train_pairs = sd3_pair_trainer(pipe, config)
+    else:
+        train_pairs = _sd1_pair_trainer(pipe, config)
     loras = []
     for sub_concept in sub_concepts(concept):
         with state.main_process_first():  # rank 0 builds the pair set; the others then find it cached
@@ -122,9 +130,8 @@ def train(config: DuoConfig, pipe, concept: Concept, out_dir: Path) -> None:
                 batch_size=config.generation_batch_size,
                 max_tries=config.max_tries,
             )
-        latents = encode_pairs(pipe.vae, *pair_set.pixels())
         folder = out_dir / sub_concept if sub_concept else out_dir
-        history = train_lora(pipe.unet, noise_scheduler, latents, null_embedding, config, folder)
+        history = train_pairs(pair_set, folder)
         if state.is_main_process:
             (folder / "training_log.jsonl").write_text("".join(json.dumps(row) + "\n" for row in history))
         loras.append(
@@ -150,8 +157,26 @@ def train(config: DuoConfig, pipe, concept: Concept, out_dir: Path) -> None:
             data_judge=judge.card.id if judge is not None else "none",
             base_model=base_fingerprint,
             loras=loras,
+            **({"model_family": family} if family != "sd1" else {}),  # SD1 cards stay as they were
         )
     state.wait_for_everyone()
+
+
+def _sd1_pair_trainer(pipe, config: DuoConfig):
+    """``train(pair_set, folder) -> history`` on SD1's UNet: ε-prediction with the DDPM training schedule and
+    the CLIP embedding of the empty prompt (`duobench.duo.loss.train_lora`)."""
+    from diffusers import DDPMScheduler
+
+    from duobench.generator import encode_token_ids, tokenize
+
+    null_embedding = encode_token_ids(pipe, tokenize(pipe, [""])).detach()
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+
+    def train_pairs(pair_set, folder: Path) -> list[dict]:
+        latents = encode_pairs(pipe.vae, *pair_set.pixels())
+        return train_lora(pipe.unet, noise_scheduler, latents, null_embedding, config, folder)
+
+    return train_pairs
 
 
 def apply(pipe, artifact_dir: Path, strength: float = 1.0) -> None:

@@ -18,7 +18,9 @@ has no filter.
 
 Both steps sample with the model's own defaults (`default_sampler_settings`: SD1.4's PNDM, 50 steps, CFG
 7.5 at 512 px) overridden by the concept's ``generation``. Those are the official settings: its script
-calls the default pipelines.
+calls the default pipelines. On SD3 the same recipe runs with SD3's generator and
+``StableDiffusion3Img2ImgPipeline`` (flow-matching Euler, 28 steps, CFG 7.0 by default), as the official
+``datasets/SD3/generate_datasets_sd3.py`` does (`_img2img`).
 
 A pair set is a cached artifact under ``$DUOBENCH_HOME/duo-pairs/<key>/``. It holds ``unsafe/NNNN.png``,
 ``safe/NNNN.png`` and ``pairs.json``: the recipe plus every pair's prompts, seeds and judge scores. The key
@@ -359,11 +361,7 @@ def _edit_safe(
     progress: StageProgress,
 ) -> tuple[list[tuple[Image.Image, int, float | None]], int]:
     """An SDEdit of every source that the judge passes, with its seed; and the number of edits made."""
-    from diffusers import StableDiffusionImg2ImgPipeline
-
-    use_scheduler(pipe, settings.scheduler)
-    img2img = StableDiffusionImg2ImgPipeline(**{**pipe.components, "requires_safety_checker": False})
-    img2img.set_progress_bar_config(disable=True)
+    img2img, sdedit_options = _img2img(pipe, settings)
     results: list[tuple[Image.Image, int, float | None] | None] = [None] * len(sources)
     attempts = [0] * len(sources)
     pending = list(range(len(sources)))
@@ -381,6 +379,7 @@ def _edit_safe(
                 row,
                 settings,
                 strength,
+                **sdedit_options,
             )
         still_unsafe = []
         for j, edit, s, (kept, score) in zip(
@@ -410,6 +409,32 @@ def _edit_safe(
     return [r for r in results if r is not None], made
 
 
+def _img2img(pipe, settings: SamplerSettings) -> tuple[Any, dict[str, Any]]:
+    """The base model's img2img pipeline (sharing its components) and the extra options of its calls.
+
+    SD3 edits with ``StableDiffusion3Img2ImgPipeline``, its own flow-matching scheduler, and the 77 T5 tokens
+    duobench samples SD3 with (the official ``generate_datasets_sd3.py`` calls the pipelines with their
+    default 256). Unlike that script, whose retry loop judges the unsafe source instead of the edit (and so
+    never ends), the edit is what the judge passes here, as on SD1.
+    """
+    from duobench.models import pipeline_family
+
+    if pipeline_family(pipe) == "sd3":
+        from diffusers import StableDiffusion3Img2ImgPipeline
+
+        from duobench.sd3 import MAX_SEQUENCE_LENGTH
+
+        img2img = StableDiffusion3Img2ImgPipeline(**pipe.components)
+        img2img.set_progress_bar_config(disable=True)
+        return img2img, {"max_sequence_length": MAX_SEQUENCE_LENGTH}
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    use_scheduler(pipe, settings.scheduler)
+    img2img = StableDiffusionImg2ImgPipeline(**{**pipe.components, "requires_safety_checker": False})
+    img2img.set_progress_bar_config(disable=True)
+    return img2img, {}
+
+
 @torch.no_grad()
 def _sdedit(
     img2img,
@@ -418,6 +443,7 @@ def _sdedit(
     row: DuoPairSpec,
     settings: SamplerSettings,
     strength: float,
+    **options: Any,
 ) -> list[Image.Image]:
     """SDEdit ``sources`` towards the safe prompt, away from the unsafe one, each with its own generator."""
     output = img2img(
@@ -429,6 +455,7 @@ def _sdedit(
         num_inference_steps=settings.steps,
         generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
         output_type="pil",
+        **options,
     )
     return [image.convert("RGB") for image in output.images]
 
