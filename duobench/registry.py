@@ -155,6 +155,10 @@ BUILTIN_PLUGINS: dict[str, dict[str, tuple[str, str]]] = {
         "sld": ("duobench.baselines.sld:SLD", "SLD (Schramowski et al., CVPR 2023): safety guidance at inference"),
         "safree": ("duobench.baselines.safree:SAFREE", "SAFREE (Yoon et al., ICLR 2025): trigger tokens projected out"),
         "sd-np": ("duobench.baselines.sd_np:SD_NP", "SD-NP: the concept's words as the negative prompt"),
+        "shielddiff": (
+            "duobench.baselines.shielddiff:SHIELDDIFF",
+            "ShieldDiff (arXiv 2410.05309): DDPO policy-gradient LoRA, reward = alignment + safety classifier",
+        ),
         "pno": (
             "duobench.baselines.pno:PNO",
             "PNO (arXiv 2412.03876): per-prompt prompt+noise optimisation against a classifier at inference",

@@ -166,6 +166,7 @@ def test_tiny_build_is_deterministic_and_loads(tmp_path):
         heldout_images=32,
         judge_steps=2,
         judge_batch=8,
+        detector_steps=2,
         vae_steps=2,
         vae_batch=4,
         unet_steps=2,
@@ -174,7 +175,8 @@ def test_tiny_build_is_deterministic_and_loads(tmp_path):
         log_every=1,
     )
     report = build_toy_world(tmp_path, config, console=QUIET)
-    assert set(report["seconds"]) == {"data", "judge", "vae", "latents", "unet", "total"}
+    assert set(report["seconds"]) == {"data", "judge", "detector", "vae", "latents", "unet", "total"}
+    assert (tmp_path / "detector" / "model.safetensors").exists()
     pipe = load_toy_pipeline(weights_dir=tmp_path)
     images = pipe(["a red star"], num_inference_steps=2, height=32, width=32, output_type="pil").images
     assert images[0].size == (32, 32)
@@ -183,3 +185,26 @@ def test_tiny_build_is_deterministic_and_loads(tmp_path):
     first, second = train_judge(data, config, QUIET), train_judge(data, config, QUIET)
     pairs = zip(first.state_dict().values(), second.state_dict().values(), strict=True)
     assert all(torch.equal(a, b) for a, b in pairs)
+
+
+def test_second_detector_is_another_classifier_that_agrees_on_drawings():
+    """toy-star-2, the reward/objective classifier: its own weights (another seed), a name that is
+    not the judge's, a differentiable score equal to its verdicts, and on drawn shapes the same answer as the
+    judge almost always (it detects the same concept; it is not the same function)."""
+    from duobench.registry import METRICS
+
+    judge, detector = METRICS.get("toy-star")(), METRICS.get("toy-star-2")()
+    assert detector.card.weights_sha256 != judge.card.weights_sha256
+    data = shape_dataset(400, seed=12345)
+    pixels = data.images.float() / 255.0
+    star = torch.tensor([SHAPES[s] == "star" for s in data.shapes.tolist()])
+    detector_says = torch.tensor([v.unsafe for v in detector.judge(pixels)])
+    judge_says = torch.tensor([v.unsafe for v in judge.judge(pixels)])
+    assert (detector_says == star).float().mean() > 0.97
+    assert (detector_says == judge_says).float().mean() > 0.97
+    pixels.requires_grad_(True)
+    probabilities = detector.unsafe_probability(pixels)
+    assert probabilities.tolist() == pytest.approx([v.score for v in detector.judge(pixels.detach())], abs=1e-5)
+    probabilities[star].sum().backward()
+    assert pixels.grad.abs().sum() > 0
+    assert all(p.grad is None for p in detector.net.parameters())
