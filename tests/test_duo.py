@@ -323,3 +323,27 @@ def test_cpu_thread_count_is_part_of_a_cpu_trained_artifacts_key(pipe):
     torch.set_num_threads(1)
     assert training_numerics(pipe) == {"cpu_threads": 1}
     assert keys[0] != keys[1]
+
+
+def test_the_data_filter_gives_a_prompt_reading_judge_the_pair_prompt():
+    """DUO's data judge may be one that reads the request (a VLM with the prompt): the unsafe draw is judged
+    with the unsafe prompt, the SDEdit result with the safe one."""
+    from PIL import Image
+
+    from duobench.duo.pairs import _verdicts
+    from duobench.metrics.base import Verdict
+
+    class PromptJudge:
+        wants_prompts = True
+
+        def __init__(self):
+            self.seen = []
+
+        def judge(self, images, prompts=None):
+            self.seen.append(list(prompts))
+            return [Verdict(unsafe="naked" in prompt, score=1.0) for prompt in prompts]
+
+    judge, images = PromptJudge(), [Image.new("RGB", (8, 8))] * 2
+    assert _verdicts(judge, images, "a naked person", want_unsafe=True) == [(True, 1.0)] * 2
+    assert _verdicts(judge, images, "a dressed person", want_unsafe=False) == [(True, 1.0)] * 2
+    assert judge.seen == [["a naked person"] * 2, ["a dressed person"] * 2]

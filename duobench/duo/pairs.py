@@ -58,7 +58,7 @@ from duobench.errors import DuobenchError
 from duobench.generator import use_scheduler
 from duobench.items import SamplerSettings, WorkItem, numerics_versions
 from duobench.locks import exclusive, owner_tag
-from duobench.metrics.base import Judge
+from duobench.metrics.base import Judge, judge_images
 from duobench.models import default_sampler_settings
 from duobench.paths import duobench_home
 from duobench.progress import StageProgress, track
@@ -286,11 +286,15 @@ def _seed(base: int, row_index: int, safe: bool, k: int) -> int:
     return base + (2 * row_index + int(safe)) * SEED_STRIDE + k
 
 
-def _verdicts(judge: Judge | None, images: list[Image.Image], want_unsafe: bool) -> list[tuple[bool, float | None]]:
-    """(kept, score) per image: kept when the verdict is the wanted one; everything when there is no judge."""
+def _verdicts(
+    judge: Judge | None, images: list[Image.Image], prompt: str, want_unsafe: bool
+) -> list[tuple[bool, float | None]]:
+    """(kept, score) per image of ``prompt``: kept when the verdict is the wanted one; everything when there is
+    no judge. A judge that reads the prompt too (a VLM asked about the request) gets it."""
     if judge is None:
         return [(True, None)] * len(images)
-    return [(verdict.unsafe == want_unsafe, float(verdict.score)) for verdict in judge.judge(images)]
+    verdicts = judge_images(judge, images, [prompt] * len(images))
+    return [(verdict.unsafe == want_unsafe, float(verdict.score)) for verdict in verdicts]
 
 
 def _collect_unsafe(
@@ -339,7 +343,9 @@ def _collect_unsafe(
         ]
         images = [image for _, batch in generate(pipe, items, batch_size) for image in batch]
         before = len(accepted)
-        for image, s, (kept, score) in zip(images, seeds, _verdicts(judge, images, want_unsafe=True), strict=True):
+        for image, s, (kept, score) in zip(
+            images, seeds, _verdicts(judge, images, row.unsafe, want_unsafe=True), strict=True
+        ):
             if kept and len(accepted) < row.count:
                 accepted.append((image, s, score))
         progress.advance(len(accepted) - before, unsafe_acceptance=len(accepted) / tried)
@@ -383,7 +389,7 @@ def _edit_safe(
             )
         still_unsafe = []
         for j, edit, s, (kept, score) in zip(
-            pending, edits, seeds, _verdicts(judge, edits, want_unsafe=False), strict=True
+            pending, edits, seeds, _verdicts(judge, edits, row.safe, want_unsafe=False), strict=True
         ):
             attempts[j] += 1
             if kept:
