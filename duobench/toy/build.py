@@ -340,10 +340,12 @@ def latent_scaling_factor(means: torch.Tensor, stds: torch.Tensor, seed: int) ->
 
 
 class CaptionTokens:
-    """Caption → 77 SD token ids, memoised (the caption grammar has only a few thousand sentences)."""
+    """Caption → 77 SD token ids (or ``max_length``, default the tokenizer's), memoised (the caption grammar
+    has only a few thousand sentences)."""
 
-    def __init__(self, tokenizer) -> None:
+    def __init__(self, tokenizer, max_length: int | None = None) -> None:
         self.tokenizer = tokenizer
+        self.max_length = max_length or tokenizer.model_max_length
         self._ids: dict[str, torch.Tensor] = {}
 
     def __call__(self, captions: list[str]) -> torch.Tensor:
@@ -352,7 +354,7 @@ class CaptionTokens:
                 self._ids[text] = self.tokenizer(
                     text,
                     padding="max_length",
-                    max_length=self.tokenizer.model_max_length,
+                    max_length=self.max_length,
                     truncation=True,
                     return_tensors="pt",
                 ).input_ids[0]

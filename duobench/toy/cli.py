@@ -14,17 +14,32 @@ toy_app = typer.Typer(
 
 @toy_app.command()
 def build(
-    out: Path | None = typer.Option(None, help="Output folder (default: the shipped duobench/toy/weights/)."),
+    out: Path | None = typer.Option(
+        None, help="Output folder (default: the shipped duobench/toy/weights/, or weights_sd3/ with --family sd3)."
+    ),
     seed: int = typer.Option(0, help="Seed of every stage; same seed, same weights."),
     detector_only: bool = typer.Option(
         False, "--detector-only", help="Train only the second detector (toy-star-2), about 3 minutes on 2 idle cores."
     ),
+    family: str = typer.Option(
+        "sd1",
+        help="sd1: the toy world (judge, detector, VAE, UNet, CLIP). sd3: its SD3 counterpart (MMDiT transformer, "
+        "CLIP-L + CLIP-G + T5, flow matching) on the SD1 toy's VAE, into duobench/toy/weights_sd3/.",
+    ),
 ) -> None:
     """Train judge, second detector, VAE, UNet and text encoder from scratch (about 25 minutes on 2 idle CPU
-    cores)."""
+    cores); with --family sd3, the SD3 toy model instead (about 40 minutes; it reuses the SD1 toy's VAE)."""
     from duobench.toy.build import BuildConfig, build_detector, build_toy_world
 
-    if detector_only:
+    if family not in ("sd1", "sd3"):
+        raise typer.BadParameter(f"--family must be sd1 or sd3, not {family!r}")
+    if family == "sd3":
+        if detector_only:
+            raise typer.BadParameter("--detector-only builds part of the SD1 toy world; leave out --family sd3")
+        from duobench.toy.sd3_build import SD3BuildConfig, build_toy_sd3
+
+        build_toy_sd3(out, SD3BuildConfig(seed=seed))
+    elif detector_only:
         build_detector(out, BuildConfig(seed=seed))
     else:
         build_toy_world(out, BuildConfig(seed=seed))
