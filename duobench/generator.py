@@ -167,6 +167,17 @@ class SamplingHook:
         """Undo anything the hook attached to the model (module hooks)."""
 
 
+def seeded_latents(items: Sequence[WorkItem], channels: int, factor: int) -> torch.Tensor:
+    """Each item's starting noise from its own CPU generator: independent of batch, order and device (both
+    model families' generators start from it)."""
+    latents = []
+    for item in items:
+        generator = torch.Generator("cpu").manual_seed(int(item.seed))
+        shape = (1, channels, item.height // factor, item.width // factor)
+        latents.append(torch.randn(shape, generator=generator, dtype=torch.float32))
+    return torch.cat(latents)
+
+
 def classifier_free_guidance(step: GuidanceStep) -> torch.Tensor:
     return step.uncond + step.guidance * (step.text - step.uncond)
 
@@ -260,15 +271,7 @@ class Generator:
         return conditioning
 
     def initial_latents(self, items: Sequence[WorkItem]) -> torch.Tensor:
-        """Each item's starting noise from its own CPU generator: independent of batch, order and device."""
-        channels = self.pipe.unet.config.in_channels
-        factor = self.pipe.vae_scale_factor
-        latents = []
-        for item in items:
-            generator = torch.Generator("cpu").manual_seed(int(item.seed))
-            shape = (1, channels, item.height // factor, item.width // factor)
-            latents.append(torch.randn(shape, generator=generator, dtype=torch.float32))
-        return torch.cat(latents)
+        return seeded_latents(items, self.pipe.unet.config.in_channels, self.pipe.vae_scale_factor)
 
     @torch.no_grad()
     def sample(self, items: Sequence[WorkItem]) -> list[Image.Image]:

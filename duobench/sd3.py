@@ -262,15 +262,9 @@ class SD3Generator:
         return SD3Conditioning(list(items), embeds, pooled, negative_embeds, negative_pooled)
 
     def initial_latents(self, items: Sequence[WorkItem]) -> torch.Tensor:
-        """Each item's starting noise from its own CPU generator: independent of batch, order and device."""
-        channels = self.pipe.transformer.config.in_channels
-        factor = self.pipe.vae_scale_factor
-        latents = []
-        for item in items:
-            generator = torch.Generator("cpu").manual_seed(int(item.seed))
-            shape = (1, channels, item.height // factor, item.width // factor)
-            latents.append(torch.randn(shape, generator=generator, dtype=torch.float32))
-        return torch.cat(latents)
+        from duobench.generator import seeded_latents
+
+        return seeded_latents(items, self.pipe.transformer.config.in_channels, self.pipe.vae_scale_factor)
 
     @torch.no_grad()
     def sample(self, items: Sequence[WorkItem]) -> list[Image.Image]:

@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -247,39 +247,13 @@ def train_lora(
     every ``checkpoint_every`` steps; a non-finite or diverging loss stops training with a `DuobenchError`
     that names the last good checkpoint.
     """
-    from accelerate import Accelerator, PartialState
 
     if noise_scheduler.config.prediction_type != "epsilon":
         raise DuobenchError(
             f"DUO's loss is defined for ε-prediction models (SD1.x); this model predicts "
             f"{noise_scheduler.config.prediction_type!r}."
         )
-    world = PartialState(cpu=unet.device.type == "cpu").num_processes
-    if config.pairs_per_step % (config.micro_batch_pairs * world):
-        raise DuobenchError(
-            f"pairs_per_step={config.pairs_per_step} must be a multiple of micro_batch_pairs="
-            f"{config.micro_batch_pairs} × {world} process(es)."
-        )
-    if len(latents) // world < config.micro_batch_pairs:
-        raise DuobenchError(
-            f"DUO needs at least {config.micro_batch_pairs * world} pairs for {config.micro_batch_pairs} "
-            f"pair(s) per micro-batch on {world} process(es), but the pair set has {len(latents)}."
-        )
-    accumulation = config.pairs_per_step // (config.micro_batch_pairs * world)
-    mixed_precision = _mixed_precision(config.mixed_precision, unet.dtype)
-    try:
-        accelerator = Accelerator(
-            cpu=unet.device.type == "cpu",
-            mixed_precision=mixed_precision,
-            gradient_accumulation_steps=accumulation,
-        )
-    except ValueError as error:  # accelerate's process-wide state was set up differently earlier
-        raise DuobenchError(
-            f"Cannot train DUO with mixed_precision={mixed_precision!r} on {unet.device.type}: {error} "
-            "Train in a fresh process, or set mixed_precision to the one this process already uses."
-        ) from error
-    original_device = unet.device
-    learning_rate = effective_learning_rate(config.base_lr, config.beta)
+    accelerator, world = training_accelerator(config, unet, len(latents))
     lam = effective_lambda(config.base_lambda, config.beta)
     device = accelerator.device
     latents = latents.to(device)
@@ -287,26 +261,49 @@ def train_lora(
     generator = torch.Generator(device).manual_seed(config.seed + accelerator.process_index)
     shuffle = torch.Generator().manual_seed(config.seed)  # the same epoch order on every process
     batches = epoch_batches(len(latents), config.micro_batch_pairs, accelerator.process_index, world, shuffle)
+
+    def micro_batch_loss(model) -> tuple[torch.Tensor, dict[str, float]]:
+        index = next(batches).to(device)
+        batch = sample_batch(latents, index, config.t_min, config.t_max, generator)
+        errors = duo_errors(model, unet, noise_scheduler, batch, null_embedding)
+        return duo_loss(*errors, beta=config.beta, lam=lam)
+
+    return train_lora_steps(config, accelerator, unet, LORA_TARGETS, micro_batch_loss, out_dir, "DUO training", on_step)
+
+
+def train_lora_steps(
+    config,
+    accelerator,
+    module,
+    targets: tuple[str, ...],
+    micro_batch_loss: Callable[[Any], tuple[torch.Tensor, dict[str, float]]],
+    out_dir: Path,
+    title: str,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+) -> list[dict[str, float]]:
+    """The optimisation loop both DUO trainers share (SD1's UNet, SD3's transformer): a fresh LoRA on
+    ``targets`` of ``module``, AdamW at DUO's effective learning rate, ``micro_batch_loss(model)`` per
+    micro-batch with gradient accumulation and clipping, the divergence stop, checkpoints every
+    ``checkpoint_every`` steps, and the adapter saved into ``out_dir``; returns the per-step log."""
+    original_device = module.device
+    learning_rate = effective_learning_rate(config.base_lr, config.beta)
     history: list[dict[str, float]] = []
     last_checkpoint: Path | None = None
     with (
-        lora_attached(unet, LORA_TARGETS, config.lora_rank, config.lora_alpha, config.seed) as lora_parameters,
-        track("DUO training", config.steps, unit="steps") as progress,
+        lora_attached(module, targets, config.lora_rank, config.lora_alpha, config.seed) as lora_parameters,
+        track(title, config.steps, unit="steps") as progress,
     ):
         optimizer = torch.optim.AdamW(
             lora_parameters, lr=learning_rate, betas=(0.9, 0.999), eps=1e-8, weight_decay=config.weight_decay
         )
-        model, optimizer = accelerator.prepare(unet, optimizer)
+        model, optimizer = accelerator.prepare(module, optimizer)
         try:
             model.train()
             for step in range(1, config.steps + 1):
                 micro_stats = []
-                for _ in range(accumulation):
+                for _ in range(accelerator.gradient_accumulation_steps):
                     with accelerator.accumulate(model):
-                        index = next(batches).to(device)
-                        batch = sample_batch(latents, index, config.t_min, config.t_max, generator)
-                        errors = duo_errors(model, unet, noise_scheduler, batch, null_embedding)
-                        loss, stats = duo_loss(*errors, beta=config.beta, lam=lam)
+                        loss, stats = micro_batch_loss(model)
                         _stop_if_bad(accelerator, loss, config.divergence_loss, step, last_checkpoint)
                         accelerator.backward(loss)
                         if accelerator.sync_gradients:
@@ -327,15 +324,15 @@ def train_lora(
                 if step % config.checkpoint_every == 0 and step < config.steps:
                     last_checkpoint = out_dir / f"checkpoint-{step}"
                     if accelerator.is_main_process:
-                        save_lora(unet, last_checkpoint)
-                    logger.info("DUO step %d: %s; saved %s", step, record, last_checkpoint)
+                        save_lora(module, last_checkpoint)
+                    logger.info("%s step %d: %s; saved %s", title, step, record, last_checkpoint)
             if accelerator.is_main_process:
-                save_lora(unet, out_dir)
+                save_lora(module, out_dir)
             accelerator.wait_for_everyone()
         finally:
             accelerator.unwrap_model(model, keep_fp32_wrapper=False)  # undoes the autocast forward patch
             accelerator.free_memory()
-            unet.to(original_device)
+            module.to(original_device)
     return history
 
 
@@ -365,3 +362,36 @@ def _mixed_precision(setting: str, dtype: torch.dtype) -> str:
     if setting != "auto":
         return setting
     return {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "no")
+
+
+def training_accelerator(config, model, pairs: int):
+    """The accelerate setup of both DUO trainers (SD1's UNet, SD3's transformer): checks that the pair set and
+    ``pairs_per_step`` divide over the processes, and returns ``(accelerator, number of processes)`` with the
+    gradient accumulation that makes ``pairs_per_step`` pairs one optimiser step."""
+    from accelerate import Accelerator, PartialState
+
+    world = PartialState(cpu=model.device.type == "cpu").num_processes
+    if config.pairs_per_step % (config.micro_batch_pairs * world):
+        raise DuobenchError(
+            f"pairs_per_step={config.pairs_per_step} must be a multiple of micro_batch_pairs="
+            f"{config.micro_batch_pairs} × {world} process(es)."
+        )
+    if pairs // world < config.micro_batch_pairs:
+        raise DuobenchError(
+            f"DUO needs at least {config.micro_batch_pairs * world} pairs for {config.micro_batch_pairs} "
+            f"pair(s) per micro-batch on {world} process(es), but the pair set has {pairs}."
+        )
+    accumulation = config.pairs_per_step // (config.micro_batch_pairs * world)
+    mixed_precision = _mixed_precision(config.mixed_precision, model.dtype)
+    try:
+        accelerator = Accelerator(
+            cpu=model.device.type == "cpu",
+            mixed_precision=mixed_precision,
+            gradient_accumulation_steps=accumulation,
+        )
+    except ValueError as error:  # accelerate's process-wide state was set up differently earlier
+        raise DuobenchError(
+            f"Cannot train DUO with mixed_precision={mixed_precision!r} on {model.device.type}: {error} "
+            "Train in a fresh process, or set mixed_precision to the one this process already uses."
+        ) from error
+    return accelerator, world

@@ -17,7 +17,6 @@ base λ 1e6, 1000 steps, 4 pairs per step, rank 32), given as method options (`s
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -27,17 +26,12 @@ import torch
 from duobench.duo import sd3_loss
 from duobench.duo.loss import (
     PairLatents,
-    _mean,
-    _mixed_precision,
-    _stop_if_bad,
-    _stop_message,
     effective_lambda,
-    effective_learning_rate,
     epoch_batches,
+    train_lora_steps,
+    training_accelerator,
 )
 from duobench.errors import DuobenchError
-from duobench.lora import lora_attached, save_lora
-from duobench.progress import track
 
 if TYPE_CHECKING:
     from duobench.duo.method import DuoConfig
@@ -59,39 +53,13 @@ def train_sd3_lora(
     ``prompt_embeds`` and ``pooled_embeds`` are the empty prompt's. accelerate supplies the device, mixed
     precision, multi-GPU gradient averaging and gradient accumulation, as on SD1.
     """
-    from accelerate import Accelerator, PartialState
 
     if type(scheduler).__name__ != "FlowMatchEulerDiscreteScheduler":
         raise DuobenchError(
             f"DUO-SD3's loss is defined for SD3's flow-matching schedule; this model's scheduler is "
             f"{type(scheduler).__name__}."
         )
-    world = PartialState(cpu=transformer.device.type == "cpu").num_processes
-    if config.pairs_per_step % (config.micro_batch_pairs * world):
-        raise DuobenchError(
-            f"pairs_per_step={config.pairs_per_step} must be a multiple of micro_batch_pairs="
-            f"{config.micro_batch_pairs} × {world} process(es)."
-        )
-    if len(latents) // world < config.micro_batch_pairs:
-        raise DuobenchError(
-            f"DUO needs at least {config.micro_batch_pairs * world} pairs for {config.micro_batch_pairs} "
-            f"pair(s) per micro-batch on {world} process(es), but the pair set has {len(latents)}."
-        )
-    accumulation = config.pairs_per_step // (config.micro_batch_pairs * world)
-    mixed_precision = _mixed_precision(config.mixed_precision, transformer.dtype)
-    try:
-        accelerator = Accelerator(
-            cpu=transformer.device.type == "cpu",
-            mixed_precision=mixed_precision,
-            gradient_accumulation_steps=accumulation,
-        )
-    except ValueError as error:  # accelerate's process-wide state was set up differently earlier
-        raise DuobenchError(
-            f"Cannot train DUO with mixed_precision={mixed_precision!r} on {transformer.device.type}: {error} "
-            "Train in a fresh process, or set mixed_precision to the one this process already uses."
-        ) from error
-    original_device = transformer.device
-    learning_rate = effective_learning_rate(config.base_lr, config.beta)
+    accelerator, world = training_accelerator(config, transformer, len(latents))
     lam = effective_lambda(config.base_lambda, config.beta)
     device = accelerator.device
     training_schedule = sd3_loss.training_scheduler(scheduler)
@@ -100,64 +68,26 @@ def train_sd3_lora(
     generator = torch.Generator().manual_seed(config.seed + accelerator.process_index)
     shuffle = torch.Generator().manual_seed(config.seed)  # the same epoch order on every process
     batches = epoch_batches(len(latents), config.micro_batch_pairs, accelerator.process_index, world, shuffle)
-    history: list[dict[str, float]] = []
-    last_checkpoint: Path | None = None
-    with (
-        lora_attached(
-            transformer, sd3_loss.LORA_TARGETS, config.lora_rank, config.lora_alpha, config.seed
-        ) as lora_parameters,
-        track("DUO training (SD3)", config.steps, unit="steps") as progress,
-    ):
-        optimizer = torch.optim.AdamW(
-            lora_parameters, lr=learning_rate, betas=(0.9, 0.999), eps=1e-8, weight_decay=config.weight_decay
+
+    def micro_batch_loss(model) -> tuple[torch.Tensor, dict[str, float]]:
+        unsafe, safe = latents.sample(next(batches), generator)
+        batch = sd3_loss.sample_batch(
+            training_schedule, unsafe.to(device), safe.to(device), generator, config.t_min, config.t_max
         )
-        model, optimizer = accelerator.prepare(transformer, optimizer)
-        try:
-            model.train()
-            for step in range(1, config.steps + 1):
-                micro_stats = []
-                for _ in range(accumulation):
-                    with accelerator.accumulate(model):
-                        unsafe, safe = latents.sample(next(batches), generator)
-                        batch = sd3_loss.sample_batch(
-                            training_schedule,
-                            unsafe.to(device),
-                            safe.to(device),
-                            generator,
-                            config.t_min,
-                            config.t_max,
-                        )
-                        loss, stats = sd3_loss.duo_sd3_loss(
-                            model, batch, prompt_embeds, pooled_embeds, config.beta, lam, lora_transformer=transformer
-                        )
-                        _stop_if_bad(accelerator, loss, config.divergence_loss, step, last_checkpoint)
-                        accelerator.backward(loss)
-                        if accelerator.sync_gradients:
-                            stats["grad_norm"] = float(
-                                accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-                            )
-                        optimizer.step()
-                        optimizer.zero_grad()
-                        micro_stats.append(stats)
-                record = {"step": step, **{k: _mean(s.get(k) for s in micro_stats) for k in micro_stats[-1]}}
-                if accelerator.scaler is None and not math.isfinite(record["grad_norm"]):
-                    raise DuobenchError(_stop_message(step, f"gradient norm is {record['grad_norm']}", last_checkpoint))
-                history.append(record)
-                progress.advance(loss=record["loss"], preference_accuracy=record["preference_accuracy"])
-                if on_step is not None:
-                    on_step(step, record)
-                if step % config.checkpoint_every == 0 and step < config.steps:
-                    last_checkpoint = out_dir / f"checkpoint-{step}"
-                    if accelerator.is_main_process:
-                        save_lora(transformer, last_checkpoint)
-            if accelerator.is_main_process:
-                save_lora(transformer, out_dir)
-            accelerator.wait_for_everyone()
-        finally:
-            accelerator.unwrap_model(model, keep_fp32_wrapper=False)  # undoes the autocast forward patch
-            accelerator.free_memory()
-            transformer.to(original_device)
-    return history
+        return sd3_loss.duo_sd3_loss(
+            model, batch, prompt_embeds, pooled_embeds, config.beta, lam, lora_transformer=transformer
+        )
+
+    return train_lora_steps(
+        config,
+        accelerator,
+        transformer,
+        sd3_loss.LORA_TARGETS,
+        micro_batch_loss,
+        out_dir,
+        "DUO training (SD3)",
+        on_step,
+    )
 
 
 def sd3_pair_trainer(pipe, config: DuoConfig) -> Callable[[object, Path], list[dict[str, float]]]:
