@@ -88,8 +88,8 @@ import torch
 from duobench.baselines.rollout import loss_summary
 from duobench.concepts import Concept
 from duobench.errors import DuobenchError
-from duobench.lora import apply_loras, lora_attached, save_lora
-from duobench.methods import MethodSpec, read_card, scorer_name, write_card
+from duobench.lora import lora_attached, save_lora
+from duobench.methods import MethodSpec, apply_lora_artifact, scorer_name, write_card
 from duobench.precision import Precision
 from duobench.progress import track
 
@@ -620,13 +620,7 @@ def train(config: ShieldDiffConfig, pipe, concept: Concept, out_dir: Path) -> No
 
 def apply(pipe, artifact_dir: Path, strength: float = 1.0) -> None:
     """Load the LoRA at scale ``strength``: 0 is the base model, 1 the trained one."""
-    if not 0.0 <= strength <= 1.0:
-        raise DuobenchError(f"ShieldDiff strength is a LoRA scale in [0, 1], got {strength}.")
-    try:
-        card = read_card(Path(artifact_dir))
-    except FileNotFoundError as error:
-        raise DuobenchError(f"{artifact_dir} is not a ShieldDiff artifact: it has no card.json.") from error
-    apply_loras(pipe, artifact_dir, card["loras"], strength, prefix="shielddiff")
+    apply_lora_artifact(pipe, artifact_dir, strength, "ShieldDiff")
 
 
 SHIELDDIFF = MethodSpec(

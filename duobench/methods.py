@@ -257,3 +257,17 @@ def write_card(out_dir: Path, method: str, config: Any, concept: Concept, **extr
 
 def read_card(artifact: Path) -> dict[str, Any]:
     return json.loads((artifact / CARD_NAME).read_text())
+
+
+def apply_lora_artifact(pipe, artifact_dir: Path, strength: float, method: str) -> None:
+    """``apply`` of a method whose artifact is LoRA adapters named on its card (DUO, ShieldDiff): load them at
+    scale ``strength`` in [0, 1], 0 the base model and 1 the trained one (`duobench.lora.apply_loras`)."""
+    from duobench.lora import apply_loras
+
+    if not 0.0 <= strength <= 1.0:
+        raise DuobenchError(f"{method} strength is a LoRA scale in [0, 1], got {strength}.")
+    try:
+        card = read_card(Path(artifact_dir))
+    except FileNotFoundError as error:
+        raise DuobenchError(f"{artifact_dir} is not a {method} artifact: it has no card.json.") from error
+    apply_loras(pipe, artifact_dir, card["loras"], strength, prefix=method.lower())

@@ -31,8 +31,7 @@ from duobench.duo.loss import (
 )
 from duobench.duo.pairs import build_pair_set, load_judge, sub_concepts
 from duobench.errors import DuobenchError
-from duobench.lora import apply_loras
-from duobench.methods import MethodSpec, read_card, write_card
+from duobench.methods import MethodSpec, apply_lora_artifact, write_card
 
 
 @dataclass(frozen=True)
@@ -185,13 +184,7 @@ def apply(pipe, artifact_dir: Path, strength: float = 1.0) -> None:
     0 gives the base model and 1 the trained model. Sub-concept LoRAs are each scaled by
     ``strength × weight``. Calling again with another strength only rescales: the weights load once per pipe.
     """
-    if not 0.0 <= strength <= 1.0:
-        raise DuobenchError(f"DUO strength is a LoRA scale in [0, 1], got {strength}.")
-    try:
-        card = read_card(Path(artifact_dir))
-    except FileNotFoundError as error:
-        raise DuobenchError(f"{artifact_dir} is not a DUO artifact: it has no card.json.") from error
-    apply_loras(pipe, artifact_dir, card["loras"], strength, prefix="duo")
+    apply_lora_artifact(pipe, artifact_dir, strength, "DUO")
 
 
 SPEC = MethodSpec(
