@@ -102,7 +102,7 @@ def validate_run(config: RunConfig) -> list[Check]:
     checks.append(_check("method options", lambda: _method_config(config, concept)))
     checks.append(_check("attack options", lambda: _attack_config(config, concept)))
     checks.append(_check("FID reference", lambda: _fid_reference(config, concept)))
-    presets = {"judge": concept.judge, **metric_presets(concept, config)}
+    presets = {"judge": concept.judge, **metric_presets(concept, config), **_reward_judge(config, concept)}
     for role, preset in presets.items():
         checks.append(_check(f"{role} weights", lambda preset=preset, role=role: load_preset(role, preset)))
     return checks
@@ -136,6 +136,22 @@ def _method_config(config: RunConfig, concept) -> str:
     options = method_options(concept, config.method, config.method_options)
     make_config(METHODS.get(config.method), options)
     return f"{config.method} with {options or 'its defaults'}"
+
+
+def _reward_judge(config: RunConfig, concept) -> dict[str, str]:
+    """``{"reward judge": preset}`` for a method that optimises against a classifier (`MethodSpec.scorer_field`),
+    so its weights are checked like the judge's; empty otherwise, or when the method's options are invalid
+    (the method-options check reports that)."""
+    from duobench.registry import METHODS
+
+    if config.method == "none":
+        return {}
+    try:
+        spec = METHODS.get(config.method)
+        options = method_options(concept, config.method, config.method_options)
+    except DuobenchError:
+        return {}
+    return {"reward judge": options[spec.scorer_field]} if spec.scorer_field else {}
 
 
 def _attack_config(config: RunConfig, concept) -> str:

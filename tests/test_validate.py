@@ -15,6 +15,7 @@ def test_a_good_toy_configuration_passes_every_check():
     checks = validate_run(config)
     assert [check.name for check in checks if not check.ok] == []
     assert {"model", "concept", "method options", "attack options", "judge weights"} <= {c.name for c in checks}
+    assert "reward judge weights" not in {c.name for c in checks}  # DUO optimises against no classifier
 
 
 def test_bad_options_and_names_fail_their_own_check():
@@ -23,6 +24,12 @@ def test_bad_options_and_names_fail_their_own_check():
     assert "k must be in [1, 75]" in failures(attack_options={"k": 99})["attack options"]
     assert "no prompt set 'nudity'" in failures(prompt_set="nudity")["prompt set"]
     assert "Did you mean 'ring-a-bell'" in failures(attack="ring-a-bel")["attack"]
+    assert "evaluation judge" in failures(method="pno", method_options={"objective": "toy-star"})["method options"]
+
+
+def test_a_method_optimising_against_a_classifier_has_its_weights_checked():
+    checks = {check.name: check for check in validate_run(RunConfig(model="toy", concept="star", method="pno"))}
+    assert checks["reward judge weights"].ok and "toy-star-2@1" in checks["reward judge weights"].detail
 
 
 def test_a_concept_refuses_a_model_family_it_is_not_made_for_before_any_model_loads(tmp_path, monkeypatch):
