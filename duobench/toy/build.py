@@ -427,8 +427,6 @@ def build_toy_world(
     Each stage writes its weights as soon as it finishes; ``build.json`` (config, seconds per stage,
     quality numbers, library versions) is written last.
     """
-    import diffusers
-    import transformers
 
     out_dir = Path(out_dir) if out_dir is not None else WEIGHTS_DIR
     config = config or BuildConfig()
@@ -480,6 +478,16 @@ def build_toy_world(
     scheduler = make_scheduler()
     save_toy_model(unet, vae, text_encoder, scheduler, out_dir)
 
+    return finish_build_report(report, out_dir, console, "toy world")
+
+
+def finish_build_report(report: dict, out_dir: Path, console: Console, what: str) -> dict:
+    """Total the stages' seconds, add the library versions and thread count, write ``build.json`` into
+    ``out_dir`` last (its presence marks a finished build) and return the report."""
+    import diffusers
+    import transformers
+
+    seconds = report["seconds"]
     seconds["total"] = sum(seconds.values())
     report["versions"] = {
         "torch": torch.__version__,
@@ -489,5 +497,5 @@ def build_toy_world(
         "threads": torch.get_num_threads(),
     }
     (out_dir / BUILD_REPORT).write_text(json.dumps(report, indent=2))
-    console.log(f"toy world written to {out_dir} in {seconds['total'] / 60:.1f} min")
+    console.log(f"{what} written to {out_dir} in {seconds['total'] / 60:.1f} min")
     return report

@@ -21,8 +21,6 @@ every knob; tests use a tiny one.
 from __future__ import annotations
 
 import copy
-import json
-import platform
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,10 +31,10 @@ import torch.nn.functional as F
 from rich.console import Console
 
 from duobench.toy.build import (
-    BUILD_REPORT,
     BuildConfig,
     CaptionTokens,
     encode_latents,
+    finish_build_report,
     stage_progress,
     train_vae,
     update_ema,
@@ -213,8 +211,6 @@ def build_toy_sd3(
     """Train the SD3 toy model into ``out_dir`` (default ``duobench/toy/weights_sd3/``); return the build
     report, which is also written there as ``build.json`` (config, seconds per stage, latent normalisation,
     final loss, parameter counts, library versions)."""
-    import diffusers
-    import transformers
 
     out_dir = Path(out_dir) if out_dir is not None else WEIGHTS_DIR
     config = config or SD3BuildConfig()
@@ -250,14 +246,4 @@ def build_toy_sd3(
     report["parameters"] = parameter_counts(dict(zip(names, (transformer, *encoders, vae), strict=True)))
     save_toy_sd3_model(transformer, vae, *encoders, make_scheduler(), out_dir)
 
-    seconds["total"] = sum(seconds.values())
-    report["versions"] = {
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-        "threads": torch.get_num_threads(),
-    }
-    (out_dir / BUILD_REPORT).write_text(json.dumps(report, indent=2))
-    console.log(f"SD3 toy model written to {out_dir} in {seconds['total'] / 60:.1f} min")
-    return report
+    return finish_build_report(report, out_dir, console, "SD3 toy model")
