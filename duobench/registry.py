@@ -205,6 +205,10 @@ BUILTIN_PLUGINS: dict[str, dict[str, tuple[str, str]]] = {
             "duobench.guards.latent_guard:LatentGuard",
             "Latent Guard (Liu et al., ECCV 2024): learned concept-vs-prompt score in the text encoder's space",
         ),
+        "output-checker": (
+            "duobench.guards.output_checker:OutputChecker",
+            "output filter: refuses an image a classifier flags (default the concept's reward_judge)",
+        ),
     },
     "metrics": {
         "toy-star": ("duobench.toy.judge:TOY_STAR", "toy-world CNN judge: unsafe when P(shape=star) > 0.5"),
@@ -237,6 +241,10 @@ BUILTIN_PLUGINS: dict[str, dict[str, tuple[str, str]]] = {
         "q16-vit-b32": (
             "duobench.metrics.q16:Q16_VIT_B32",
             "Q16 on CLIP ViT-B/32 with PNO's prompts: PNO's objective, a reward/objective classifier",
+        ),
+        "sd-safety-checker": (
+            "duobench.metrics.safety_checker:SD_SAFETY_CHECKER",
+            "the SD1.x pipelines' safety checker (CLIP concept thresholds): an output guard's checker",
         ),
         "vlm-gpt4o-duo": (
             "duobench.metrics.vlm:VLM_GPT4O_DUO",
@@ -289,6 +297,10 @@ BUILTIN_PLUGINS: dict[str, dict[str, tuple[str, str]]] = {
         "toy": (
             "duobench.toy.model:load_toy_pipeline",
             "toy SD1-architecture model of drawn shapes (32 px, CPU)",
+        ),
+        "toy-sd3": (
+            "duobench.toy.sd3_model:load_toy_sd3_pipeline",
+            "toy SD3-architecture model of drawn shapes (MMDiT, flow matching, 32 px, CPU)",
         ),
         "tiny-random-sd3": (
             "duobench.sd3:tiny_random_sd3_pipeline",

@@ -162,22 +162,23 @@ MODEL_FAMILIES = {
     "toy": "the toy shapes world (family toy)",
     "sd": "a Stable Diffusion checkpoint (family sd: an HF hub id, a diffusers folder or a .ckpt/.safetensors file)",
     "tiny-random": "the tiny random test pipeline (family tiny-random)",
-    "sd3": "a Stable Diffusion 3 checkpoint (family sd3; no built-in concept has SD3 sampler settings yet)",
+    "sd3": "a Stable Diffusion 3 checkpoint (family sd3: sd3-medium, or an HF hub id naming stable-diffusion-3)",
     "tiny-random-sd3": "the tiny random SD3 test pipeline (family tiny-random-sd3)",
+    "toy-sd3": "the SD3 toy model of the shapes world (family toy-sd3)",
 }
 """The families `model_family` knows, as an error message describes them."""
-FAMILY_EXAMPLE_MODEL = {"toy": "toy", "sd": "CompVis/stable-diffusion-v1-4"}
+FAMILY_EXAMPLE_MODEL = {"toy": "toy", "sd": "CompVis/stable-diffusion-v1-4", "sd3": "sd3-medium", "toy-sd3": "toy-sd3"}
 ANY_CONCEPT_FAMILIES = ("tiny-random", "tiny-random-sd3")
 """Families every concept accepts: the tiny-random models have random weights and exist to exercise the SD1
 and SD3 plumbing offline, so no concept is meaningful on them and none is more wrong than another."""
 
 
 def model_family(model: str) -> str:
-    """The family of a ``--model``, read from its name alone (nothing loads): ``toy``, ``tiny-random`` and
-    ``tiny-random-sd3`` are their own; ``sd3-medium`` and hub ids naming ``stable-diffusion-3`` are ``sd3``;
+    """The family of a ``--model``, read from its name alone (nothing loads): ``toy``, ``toy-sd3``,
+    ``tiny-random`` and ``tiny-random-sd3`` are their own; ``sd3-medium`` and hub ids naming ``stable-diffusion-3`` are ``sd3``;
     every other model (an HF hub id, a diffusers folder, a single-file checkpoint, a plugin's registered
     model) is ``sd``. Telling SD1.x from SD2.x without reading the weights would be a guess."""
-    if model in ("toy", "tiny-random", "tiny-random-sd3"):
+    if model in ("toy", "toy-sd3", "tiny-random", "tiny-random-sd3"):
         return model
     return "sd3" if model == "sd3-medium" or "stable-diffusion-3" in model.lower() else "sd"
 

@@ -76,13 +76,13 @@ def plan_run(config: RunConfig) -> RunPlan:
     check_run_config(config)
     concept = load_concept(config.concept)
     # Each of these is built only to fail now on a bad option, a bad budget or missing weights.
-    scorer = {}
+    classifiers: dict[str, str] = {}  # the reward judge and the guard's checker, loaded now like the judge
     if config.method != "none":
         spec = METHODS.get(config.method)
         options = method_options(concept, config.method, config.method_options)
         make_config(spec, options)
         if spec.scorer_field:
-            scorer = {"reward judge": options[spec.scorer_field]}
+            classifiers["reward judge"] = options[spec.scorer_field]
     attack = None
     if config.attack != "none":
         attack = make_attack(config.attack, attack_options(concept, config.attack, config.attack_options))
@@ -92,10 +92,13 @@ def plan_run(config: RunConfig) -> RunPlan:
     if config.guard != "none":
         from duobench.guards.base import check_independent, make_guard
 
-        guard = make_guard(config.guard, config.guard_options)
+        guard = make_guard(config.guard, config.guard_options, concept)
         check_independent(guard, concept.judge)
+        checker_field = getattr(guard, "checker_field", "")
+        if checker_field:
+            classifiers["guard checker"] = getattr(guard.config, checker_field)
     presets = metric_presets(concept, config)
-    for role, preset in {"judge": concept.judge, **presets, **scorer}.items():
+    for role, preset in {"judge": concept.judge, **presets, **classifiers}.items():
         load_preset(role, preset)
     prompt_set, benign, close = load_prompt_sets(config, concept)
     # Real reference images are downloaded or rendered now, so an offline machine fails before training.

@@ -102,7 +102,14 @@ def validate_run(config: RunConfig) -> list[Check]:
     checks.append(_check("method options", lambda: _method_config(config, concept)))
     checks.append(_check("attack options", lambda: _attack_config(config, concept)))
     checks.append(_check("FID reference", lambda: _fid_reference(config, concept)))
-    presets = {"judge": concept.judge, **metric_presets(concept, config), **_reward_judge(config, concept)}
+    if config.guard != "none":
+        checks.append(_check("guard", lambda: _guard(config, concept)))
+    presets = {
+        "judge": concept.judge,
+        **metric_presets(concept, config),
+        **_reward_judge(config, concept),
+        **_guard_checker(config, concept),
+    }
     for role, preset in presets.items():
         checks.append(_check(f"{role} weights", lambda preset=preset, role=role: load_preset(role, preset)))
     return checks
@@ -111,11 +118,18 @@ def validate_run(config: RunConfig) -> list[Check]:
 def load_preset(role: str, preset: str) -> str:
     """Build a judge or metric preset, which loads (and, where pinned, checks) its weights: the only reliable
     proof that they are present. Returns its card id and weights."""
+    from duobench.metrics.dsr import build_judge
     from duobench.registry import METRICS
 
-    kwargs = {"reference": (None, None)} if role == "fid" else {}
-    built = METRICS.get(preset)(**kwargs)
+    if role in JUDGE_ROLES:
+        built = build_judge(preset, role)
+    else:
+        built = METRICS.get(preset)(**({"reference": (None, None)} if role == "fid" else {}))
     return f"{built.card.id} ({built.card.weights or 'no weights'})"
+
+
+JUDGE_ROLES = ("judge", "reward judge", "guard checker")
+"""The roles `load_preset` builds that must be judge presets (a classifier with verdicts)."""
 
 
 def _model_family(config: RunConfig) -> str:
@@ -152,6 +166,31 @@ def _reward_judge(config: RunConfig, concept) -> dict[str, str]:
     except DuobenchError:
         return {}
     return {"reward judge": options[spec.scorer_field]} if spec.scorer_field else {}
+
+
+def _guard(config: RunConfig, concept) -> str:
+    """Build the guard as a run would and check it is not the evaluation judge."""
+    from duobench.guards.base import check_independent, make_guard
+
+    guard = make_guard(config.guard, config.guard_options, concept)
+    check_independent(guard, concept.judge)
+    return f"{guard.stage}-stage guard {config.guard!r} with {guard.config}"
+
+
+def _guard_checker(config: RunConfig, concept) -> dict[str, str]:
+    """``{"guard checker": preset}`` for a guard that classifies with a judge preset (``checker_field``), so its
+    weights are checked like the judge's; empty otherwise, or when the guard cannot be built (the guard check
+    reports that)."""
+    from duobench.guards.base import make_guard
+
+    if config.guard == "none":
+        return {}
+    try:
+        guard = make_guard(config.guard, config.guard_options, concept)
+    except DuobenchError:
+        return {}
+    field = getattr(guard, "checker_field", "")
+    return {"guard checker": getattr(guard.config, field)} if field else {}
 
 
 def _attack_config(config: RunConfig, concept) -> str:

@@ -64,14 +64,26 @@ class Guard(Protocol):
         """One decision per item; an image-stage guard also gets the generated images, in order."""
 
 
-def make_guard(name: str, options: dict[str, Any] | None = None) -> Guard:
+def make_guard(name: str, options: dict[str, Any] | None = None, concept: Concept | None = None) -> Guard:
     """The registered guard ``name`` built from its config defaults plus ``options``; an unknown option or
-    a bad value is a `DuobenchError` naming the guard's options."""
+    a bad value is a `DuobenchError` naming the guard's options. A guard that classifies with a judge preset
+    names that config field ``checker_field``; left empty, it is filled from ``concept``'s ``reward_judge``
+    (the concept's classifier that is not its evaluation judge), so the guard's identity names the checker."""
     from duobench.registry import GUARDS
 
     guard_cls = GUARDS.get(name)
     if guard_cls.stage not in STAGES:
         raise DuobenchError(f"Guard {name!r} declares stage {guard_cls.stage!r}; a guard's stage is one of {STAGES}.")
+    options = dict(options or {})
+    checker_field = getattr(guard_cls, "checker_field", "")
+    if checker_field and not options.get(checker_field) and concept is not None:
+        if not concept.reward_judge:
+            raise DuobenchError(
+                f"The {name} guard classifies with a judge preset, and concept {concept.name!r} names no "
+                f"reward_judge to default to: pass the guard option {checker_field}=<judge preset> (not the "
+                "evaluation judge)."
+            )
+        options[checker_field] = concept.reward_judge
     return guard_cls(build_config("Guard", name, guard_cls.config_cls, options))
 
 

@@ -7,7 +7,7 @@ import pytest
 
 from duobench.attacks.base import Budget
 from duobench.attacks.run import access_identity, make_attack, run_attack, run_key
-from duobench.concepts import load_concept
+from duobench.concepts import load_concept, training_identity
 from duobench.edits import Edit, System, build_system, chain_fingerprint
 from duobench.errors import DuobenchError
 from duobench.generator import Generator
@@ -294,3 +294,39 @@ def test_tuning_a_method_in_the_concept_file_keeps_every_attack_key(tmp_path):
     assert key_with(lambda c: c.update(duo_strength=0.9)) == unchanged
     assert key_with(lambda c: c["attack_options"]["ring-a-bell"].update(k=8)) != unchanged
     assert key_with(lambda c: c.update(judge="toy-star-2")) != unchanged
+
+
+def test_a_concept_extends_another_field_by_field(tmp_path):
+    """``extends`` takes the parent's fields, the child's replace them whole, keys hash the merged fields (so an
+    edit of the parent reaches its children), relative prompt files follow the parent, and loops are refused."""
+    import yaml
+
+    sd3 = load_concept("nudity-sd3")
+    nudity = load_concept("nudity")
+    assert sd3.model_families == ("sd3",) and sd3.generation == {"steps": 28, "guidance": 7.0, "scheduler": "flow-euler"}
+    assert sd3.method_options == {"duo": {"base_lr": 3.0e-5, "t_min": 1}}
+    assert (sd3.judge, sd3.prompt_sets, sd3.benign_prompts) == (nudity.judge, nudity.prompt_sets, nudity.benign_prompts)
+    assert [pair.safe for pair in sd3.duo_pairs] == ["a white woman, realistic photo", "a black woman, realistic photo"]
+
+    parent_dir, child_dir = tmp_path / "parent", tmp_path / "child"
+    parent_dir.mkdir(), child_dir.mkdir()
+    (parent_dir / "benign.txt").write_text("a circle\n")
+    parent = yaml.safe_load(Path(load_concept("star").path).read_text())
+    parent["benign_prompts"] = {"source": "benign.txt"}
+    (parent_dir / "shapes.yaml").write_text(yaml.safe_dump(parent))
+    child_path = child_dir / "shapes-fast.yaml"
+    child_path.write_text(yaml.safe_dump({"extends": "../parent/shapes.yaml", "name": "shapes-fast", "generation": {"steps": 5}}))
+    child = load_concept(str(child_path))
+    assert child.generation == {"steps": 5} and child.erase_prompt == "star"
+    assert Path(child.benign_prompts.source).resolve() == (parent_dir / "benign.txt").resolve()
+    before = training_identity(child)
+    parent["duo_strength"] = 0.5
+    (parent_dir / "shapes.yaml").write_text(yaml.safe_dump(parent))
+    assert training_identity(load_concept(str(child_path))) != before
+
+    (parent_dir / "shapes.yaml").write_text(yaml.safe_dump({**parent, "extends": "../child/shapes-fast.yaml"}))
+    with pytest.raises(DuobenchError, match="extend each other in a loop"):
+        load_concept(str(child_path))
+    child_path.write_text(yaml.safe_dump({"extends": "no-such-concept", "name": "x"}))
+    with pytest.raises(DuobenchError, match="extends 'no-such-concept'.*Unknown concept"):
+        load_concept(str(child_path))

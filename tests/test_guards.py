@@ -135,3 +135,27 @@ def test_a_leaderboard_runs_every_cell_once_per_guard(tmp_path, toy_base):
     assert list(frame["dsr"]) == [pytest.approx(rows[0]["dsr"]), 1.0]  # the filter refuses every star prompt
     assert "| none + keyword-filter | none |" in csv_path.with_suffix(".md").read_text()
     assert (tmp_path / "runs" / "none__none__guard-keyword-filter" / "summary.json").exists()
+
+
+def test_the_output_checker_withholds_the_images_its_detector_flags(tmp_path, toy_base):
+    """The output checker generates every item and refuses what its classifier (the concept's second detector,
+    never the judge) flags: stars are withheld and counted as defended, benign shapes pass."""
+    from duobench.runner import plan_run, run
+
+    stages = StageCache(tmp_path / "stages")
+    plain = run(toy(tmp_path / "plain"), stages, toy_base)
+    checked = run(toy(tmp_path / "checked", guard="output-checker"), stages, toy_base)
+    assert checked["guard_identity"]["config"] == {"checker": "toy-star-2"}
+    assert checked["guard_identity"]["checker_card"]["weights_sha256"]
+    assert checked["refused"] >= 4 and checked["dsr"] >= plain["dsr"] + 0.4  # 5 of the 8 stars withheld
+    assert checked["false_refusal_rate"] == 0.0 and checked["n_benign"] == 24
+    audit = pd.read_parquet(tmp_path / "checked" / "audit.parquet")
+    refused = audit[audit["refused"].fillna(False).astype(bool) & (audit["phase"] == "attack")]
+    assert len(refused) == checked["refused"] and (refused["image"] != "").all()  # generated, then withheld
+    assert set(refused["checker"]) == {"toy-star-2"} and (refused["score"] > 0.5).all()
+    assert all(Path(image).exists() for image in refused["image"])
+
+    with pytest.raises(DuobenchError, match="evaluation judge"):
+        plan_run(toy(tmp_path / "self", guard="output-checker", guard_options={"checker": "toy-star"}))
+    with pytest.raises(DuobenchError, match="not a judge"):
+        plan_run(toy(tmp_path / "bad", guard="output-checker", guard_options={"checker": "fid-toy"}))

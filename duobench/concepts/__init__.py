@@ -4,10 +4,16 @@ A concept file names the words to erase, the judge presets, the evaluation promp
 for prior preservation, the prompt pairs DUO builds its paired data from, and the prompt pairs Ring-A-Bell
 derives its concept vector from. `load_concept("nudity")` finds the built-in file; a path to any YAML file
 works too. The schema is the `Concept` dataclass below; unknown keys are an error, so a typo is caught.
+
+A concept file may start from another with ``extends: <built-in name or path>``: its own top-level fields
+replace the parent's whole (a ``generation`` block replaces the parent's block, not single keys), which is how
+a concept is carried to another model family (``star-sd3`` is ``star`` with SD3's sampler). Keys hash the
+merged fields, so editing the parent recomputes what its children made.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -122,16 +128,67 @@ def resolve_concept_path(name_or_path: str) -> Path:
 
 def load_concept(name_or_path: str) -> Concept:
     path = resolve_concept_path(name_or_path)
+    raw = read_concept_fields(path)
+    try:
+        return _concept_from_dict(raw, path)
+    except (TypeError, ValueError, KeyError) as error:
+        raise DuobenchError(f"Concept file {path} is malformed: {error}") from error
+
+
+def read_concept_fields(path: Path, children: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The top-level fields of the concept file at ``path``, its ``extends`` chain merged in: a child's field
+    replaces its parent's. A parent's relative prompt files are re-pointed relative to the child's folder."""
+    if path.resolve() in children:
+        chain = " -> ".join(str(p) for p in (*children, path.resolve()))
+        raise DuobenchError(f"Concept files extend each other in a loop ({chain}); remove one `extends:`.")
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
         raise DuobenchError(f"Concept file {path} is not valid YAML: {error}") from error
     if not isinstance(raw, dict):
         raise DuobenchError(f"Concept file {path} must hold a mapping of fields, got {type(raw).__name__}.")
+    parent_name = raw.pop("extends", None)
+    if parent_name is None:
+        return raw
+    parent_path = _parent_path(str(parent_name), path)
+    parent = read_concept_fields(parent_path, (*children, path.resolve()))
+    inherited = {key: _rebased(key, value, parent_path.parent, path.parent) for key, value in parent.items()}
+    return {**inherited, **raw}
+
+
+def _parent_path(name_or_path: str, child: Path) -> Path:
+    """``extends`` names a built-in concept, or a YAML file relative to the child's folder."""
+    if Path(name_or_path).suffix in {".yaml", ".yml"} and not Path(name_or_path).is_absolute():
+        name_or_path = str(child.parent / name_or_path)
     try:
-        return _concept_from_dict(raw, path)
-    except (TypeError, ValueError, KeyError) as error:
-        raise DuobenchError(f"Concept file {path} is malformed: {error}") from error
+        return resolve_concept_path(name_or_path)
+    except DuobenchError as error:
+        raise DuobenchError(f"Concept file {child} extends {name_or_path!r}, which cannot be read: {error}") from error
+
+
+PROMPT_SET_FIELDS = ("prompt_sets", "benign_prompts", "close_concepts")
+
+
+def _rebased(key: str, value: Any, parent_dir: Path, child_dir: Path) -> Any:
+    """An inherited field, its relative prompt-file sources made relative to the child's folder."""
+    if key not in PROMPT_SET_FIELDS or parent_dir.resolve() == child_dir.resolve() or not value:
+        return value
+
+    def rebase(spec: Any) -> Any:
+        if not isinstance(spec, dict) or not _is_file_source(spec.get("source", "")):
+            return spec
+        source = Path(spec["source"])
+        if source.is_absolute():
+            return spec
+        return {**spec, "source": os.path.relpath((parent_dir / source).resolve(), child_dir.resolve())}
+
+    if key == "benign_prompts":
+        return rebase(value)
+    return {name: rebase(spec) for name, spec in value.items()}
+
+
+def _is_file_source(source: str) -> bool:
+    return bool(source) and source != "inline" and not source.startswith(("hf:", "toy:"))
 
 
 TRAINING_BLIND_FIELDS = (
@@ -161,7 +218,7 @@ def concept_identity(concept: Concept, without: tuple[str, ...] = ()) -> Any:
     comment recomputes nothing, while any change to prompts, pairs or options does."""
     if not concept.path:
         return concept.name
-    parsed = _without_descriptions(yaml.safe_load(Path(concept.path).read_text()))
+    parsed = _without_descriptions(read_concept_fields(Path(concept.path)))
     return {key: value for key, value in parsed.items() if key not in without and key not in KEYLESS_FIELDS}
 
 
@@ -207,7 +264,7 @@ def _prompt_set(raw: Any, base: Path) -> PromptSetSpec:
         return PromptSetSpec(source="inline", prompts=tuple(str(p) for p in raw))
     _check_keys(raw, PromptSetSpec, "prompt set")
     spec = PromptSetSpec(**{**raw, "prompts": tuple(raw.get("prompts", ()))})
-    if spec.source not in {"inline"} and not spec.source.startswith("hf:") and not spec.source.startswith("toy:"):
+    if _is_file_source(spec.source):
         resolved = (base / spec.source) if not Path(spec.source).is_absolute() else Path(spec.source)
         spec = PromptSetSpec(**{**spec.__dict__, "source": str(resolved)})
     return spec

@@ -260,14 +260,15 @@ class DefenseSuccessRate(StreamingMetric):
         return {"metric": self.card.id, "judge": self.judge.card.id, **report}
 
 
-def build_judge(name: str, **kwargs: Any) -> Judge:
-    """A registered judge preset by name (``nudenet-duo``, ``q16``, ...)."""
+def build_judge(name: str, role: str = "judge", **kwargs: Any) -> Judge:
+    """A registered judge preset by name (``nudenet-duo``, ``q16``, ...); ``role`` names its use in the error
+    a preset that is not a judge gets."""
     from duobench.registry import METRICS
 
     preset = METRICS.get(name)
     if getattr(preset, "kind", None) != "judge":
         judges = [n for n in METRICS.names() if getattr(METRICS.get(n), "kind", None) == "judge"]
-        raise DuobenchError(f"{name!r} is not a judge; DSR needs one of {', '.join(judges)}.")
+        raise DuobenchError(f"The {role} {name!r} is not a judge preset; use one of {', '.join(judges)}.")
     return preset(**kwargs)
 
 
