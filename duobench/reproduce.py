@@ -98,6 +98,12 @@ def paper_setting(model: str, concept: str | None) -> PaperSetting:
     from duobench.concepts import load_concept
     from duobench.run_config import model_family
 
+    if model_family(model) in ("sd3", "toy-sd3", "tiny-random-sd3"):
+        raise DuobenchError(
+            f"The DUO paper's grid (attacks, Tables 1-3, the λ ablation) is for SD1.4; on SD3 it reports FID for "
+            f"several β (Table 4), which is one sweep: `duobench run --model {model} --method duo --sweep "
+            "beta=250,500,1000` (only DUO and no attack run on SD3)."
+        )
     family = "toy" if model_family(model) == "toy" else "sd"
     concept = load_concept(concept).name if concept else ("star" if family == "toy" else "nudity")
     if (family, concept) not in SETTINGS:

@@ -303,7 +303,11 @@ def test_a_concept_extends_another_field_by_field(tmp_path):
 
     sd3 = load_concept("nudity-sd3")
     nudity = load_concept("nudity")
-    assert sd3.model_families == ("sd3",) and sd3.generation == {"steps": 28, "guidance": 7.0, "scheduler": "flow-euler"}
+    assert sd3.model_families == ("sd3",) and sd3.generation == {
+        "steps": 28,
+        "guidance": 7.0,
+        "scheduler": "flow-euler",
+    }
     assert sd3.method_options == {"duo": {"base_lr": 3.0e-5, "t_min": 1}}
     assert (sd3.judge, sd3.prompt_sets, sd3.benign_prompts) == (nudity.judge, nudity.prompt_sets, nudity.benign_prompts)
     assert [pair.safe for pair in sd3.duo_pairs] == ["a white woman, realistic photo", "a black woman, realistic photo"]
@@ -315,7 +319,9 @@ def test_a_concept_extends_another_field_by_field(tmp_path):
     parent["benign_prompts"] = {"source": "benign.txt"}
     (parent_dir / "shapes.yaml").write_text(yaml.safe_dump(parent))
     child_path = child_dir / "shapes-fast.yaml"
-    child_path.write_text(yaml.safe_dump({"extends": "../parent/shapes.yaml", "name": "shapes-fast", "generation": {"steps": 5}}))
+    child_path.write_text(
+        yaml.safe_dump({"extends": "../parent/shapes.yaml", "name": "shapes-fast", "generation": {"steps": 5}})
+    )
     child = load_concept(str(child_path))
     assert child.generation == {"steps": 5} and child.erase_prompt == "star"
     assert Path(child.benign_prompts.source).resolve() == (parent_dir / "benign.txt").resolve()

@@ -51,3 +51,5 @@ def test_an_unsupported_setting_or_attack_is_refused_before_anything_runs(tmp_pa
     with pytest.raises(DuobenchError, match="not among them"):
         reproduce_duo_paper(RunConfig(model="toy", concept="star"), tmp_path, ("p4d",))
     assert paper_setting("CompVis/stable-diffusion-v1-4", None).table_betas == (500.0, 250.0)
+    with pytest.raises(DuobenchError, match="Table 4.*--sweep beta="):
+        paper_setting("sd3-medium", None)

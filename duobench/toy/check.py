@@ -3,8 +3,8 @@
 Prompts "a {colour} {shape}" for every shape and colour, ``seeds`` images each, plus star prompts written
 only with synonyms ("a red pentagram", "a blue five-pointed star", ...). Quality bar: the requested shape in
 >= 90% of images, the requested colour in >= 95%, and a star for >= 80% of the synonym prompts. Sampler
-settings are the star concept's ``generation`` defaults; generation goes through the engine at batch 64,
-which also gives the toy model's throughput.
+settings are the star concept's ``generation`` defaults (``star-sd3``'s flow-matching Euler for the SD3 toy
+model); generation goes through the engine at batch 64, which also gives the toy model's throughput.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ from duobench.toy.model import missing_components
 from duobench.toy.shapes import COLOUR_NAMES, SHAPE_SYNONYMS, SHAPES, plain_prompt, with_articles
 
 CHECK_CONCEPT = "star"
+SD3_CHECK_CONCEPT = "star-sd3"
+"""The star concept as the SD3 toy model samples it: the same prompts, its own sampler."""
 
 
 @dataclass(frozen=True)
@@ -35,13 +37,17 @@ class QualityBar:
 
 
 def load_model_under_check(model: str, device: torch.device):
-    """A registered model name (``toy``), or a folder written by `duobench toy build --out`."""
+    """A registered model name (``toy``, ``toy-sd3``), or a folder written by `duobench toy build --out`
+    (``--family sd3`` too)."""
     from duobench.models import load_pipeline, prepare_pipeline
+    from duobench.toy import sd3_model
     from duobench.toy.model import load_toy_pipeline
 
     folder = Path(model).expanduser()
     if folder.is_dir() and not missing_components(folder):
         return prepare_pipeline(load_toy_pipeline(weights_dir=folder), device, torch.float32)
+    if folder.is_dir() and not sd3_model.missing_components(folder):
+        return prepare_pipeline(sd3_model.load_toy_sd3_pipeline(weights_dir=folder), device, torch.float32)
     return load_pipeline(model, device=device, dtype=torch.float32)
 
 
@@ -83,7 +89,10 @@ def run_toy_check(
     folder = Path(model).expanduser()
     judge_dir = folder / JUDGE_FOLDER if (folder / JUDGE_FOLDER).is_dir() else None
     judge = ToyJudge(toy_judge_card(CHECK_CONCEPT), weights_dir=judge_dir)
-    settings = SamplerSettings.from_dict(load_concept(CHECK_CONCEPT).generation)
+    from duobench.models import pipeline_family
+
+    sampled_as = SD3_CHECK_CONCEPT if pipeline_family(pipe) == "sd3" else CHECK_CONCEPT
+    settings = SamplerSettings.from_dict(load_concept(sampled_as).generation)
     items = check_items(seeds, settings)
 
     shape_hits: dict[tuple[str, str], list[bool]] = {}

@@ -47,7 +47,9 @@ def build(
 
 @toy_app.command()
 def check(
-    model: str = typer.Option("toy", help="Registered model name, or a folder `duobench toy build --out` wrote."),
+    model: str = typer.Option(
+        "toy", help="Registered model name (toy, toy-sd3), or a folder `duobench toy build [--family sd3] --out` wrote."
+    ),
     seeds: int = typer.Option(20, help="Images per prompt."),
     batch_size: int = typer.Option(64, help="Images per sampler call."),
     device: str | None = typer.Option(None, help="cuda, cpu, ... (default: cuda when available)."),
