@@ -175,9 +175,10 @@ and SD3 plumbing offline, so no concept is meaningful on them and none is more w
 
 def model_family(model: str) -> str:
     """The family of a ``--model``, read from its name alone (nothing loads): ``toy``, ``toy-sd3``,
-    ``tiny-random`` and ``tiny-random-sd3`` are their own; ``sd3-medium`` and hub ids naming ``stable-diffusion-3`` are ``sd3``;
-    every other model (an HF hub id, a diffusers folder, a single-file checkpoint, a plugin's registered
-    model) is ``sd``. Telling SD1.x from SD2.x without reading the weights would be a guess."""
+    ``tiny-random`` and ``tiny-random-sd3`` are their own; ``sd3-medium`` and hub ids naming
+    ``stable-diffusion-3`` are ``sd3``; every other model (an HF hub id, a diffusers folder, a single-file
+    checkpoint, a plugin's registered model) is ``sd``. Telling SD1.x from SD2.x without reading the weights
+    would be a guess."""
     if model in ("toy", "toy-sd3", "tiny-random", "tiny-random-sd3"):
         return model
     return "sd3" if model == "sd3-medium" or "stable-diffusion-3" in model.lower() else "sd"
