@@ -53,7 +53,8 @@ Cost. One *UNet evaluation* is one UNet call for one item (its CFG pair of rows)
 safe at its first sample costs S. ``max_unet_evaluations`` caps it per item: no chain is started (and no
 update taken whose result could not be sampled) beyond it. The hook keeps per item (`PNOHook.stats`, keyed
 by the `WorkItem`) the evaluations, trials, iterations, updates, p_unsafe of the first and the best sample and
-why it stopped, for the audit rows.
+why it stopped; each image carries them (`duobench.cache.SAMPLING_INFO`), cached with it, into DSR's audit
+rows (``sampling``).
 
 Deliberate differences from the reference code:
 
@@ -114,6 +115,7 @@ import torch
 import torch.utils.checkpoint
 from PIL import Image
 
+from duobench.cache import SAMPLING_INFO
 from duobench.concepts import Concept
 from duobench.errors import DuobenchError
 from duobench.generator import Generator, SamplingHook
@@ -279,7 +281,10 @@ class PNOHook(SamplingHook):
         images = generator.pipe.image_processor.postprocess(
             torch.cat(images), output_type="pil", do_denormalize=[True] * len(images)
         )
-        return [image.convert("RGB") for image in images]
+        images = [image.convert("RGB") for image in images]
+        for item, image in zip(items, images, strict=True):
+            image.info[SAMPLING_INFO] = json.dumps({"sampler": "pno", **self.stats[item]}, sort_keys=True)
+        return images
 
     def objective_model(self, device: torch.device):
         if self.scorer is None:

@@ -3,7 +3,9 @@
 - `ImageStore`: ``<root>/<key[:2]>/<key>.png``. A PNG is written to a temporary name in the same folder and
   renamed into place, so a file under its final name is always complete: its existence is the proof that
   the image is finished. The store is shared across runs, so the base model's images are generated once
-  and reused by every method and attack.
+  and reused by every method and attack. A sampler that records how it made an image (PNO's budget spent,
+  trials, why it stopped) puts that JSON in ``image.info[SAMPLING_INFO]``; it is kept as a PNG text chunk,
+  so a cached image brings it back, and DSR's audit rows carry it (``sampling``).
 - `RunManifest`: ``manifest.jsonl`` in a run's output folder, one JSON line per finished item, written only
   after the image exists. A ``kill -9`` can leave at most a truncated last line; reading drops it (and any
   row whose image is missing) and the next writer rewrites the file cleanly before appending. Under several
@@ -25,6 +27,8 @@ from PIL import Image
 from duobench.errors import DuobenchError
 
 MANIFEST_NAME = "manifest.jsonl"
+SAMPLING_INFO = "duobench.sampling"
+"""The PNG text key of a sampler's per-image record (JSON), read back into ``image.info`` when loaded."""
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -72,8 +76,13 @@ class ImageStore:
     def put(self, key: str, image: Image.Image) -> Path:
         import io
 
+        from PIL.PngImagePlugin import PngInfo
+
         buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
+        text = PngInfo()
+        if SAMPLING_INFO in image.info:
+            text.add_text(SAMPLING_INFO, str(image.info[SAMPLING_INFO]))
+        image.save(buffer, format="PNG", pnginfo=text)
         path = self.path(key)
         atomic_write_bytes(path, buffer.getvalue())
         return path

@@ -2,18 +2,23 @@
 counted exactly, strength 0 is the base model bit for bit, images are per-item deterministic, gradients are
 clipped before the step, and the objective may not be the evaluation judge."""
 
+import json
 import math
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from stand_ins import RedJudge
 
 from duobench.baselines.pno import PNO, PNOConfig, PNOHook, block_log_probs, noise_regularizer
+from duobench.cache import SAMPLING_INFO, ImageStore
 from duobench.errors import DuobenchError
 from duobench.generator import Generator, SamplingHook
 from duobench.items import WorkItem
 from duobench.methods import make_config, read_card, scorer_name, with_scorer
+from duobench.metrics.base import load_images
+from duobench.metrics.dsr import DSR
 
 STEPS = 4
 
@@ -142,6 +147,23 @@ def test_an_item_safe_at_its_first_sample_costs_one_chain(tiny_pipe, monkeypatch
     Generator(tiny_pipe, [pno]).sample([item()])
     assert len(calls) == STEPS
     assert pno.stats[item()]["trials"] == 1 and pno.stats[item()]["stopped"] == "safe"
+
+
+def test_each_image_carries_its_sampling_record_through_the_store_into_the_audit_row(tiny_pipe, tmp_path):
+    """PNO's per-item record (evaluations, trials, why it stopped) rides on the image as a PNG text chunk, so an
+    image read back from the store still has it, and DSR's audit row shows it."""
+    pno = hook(ConstantObjective(0.0))
+    image = Generator(tiny_pipe, [pno]).sample([item()])[0]
+    assert json.loads(image.info[SAMPLING_INFO]) == {"sampler": "pno", **pno.stats[item()]}
+    stored = ImageStore(tmp_path).put("key", image)
+    loaded = load_images([stored])[0]
+    np.testing.assert_array_equal(np.asarray(loaded), np.asarray(image))
+    metric = DSR(judge=RedJudge())
+    metric.update([loaded], items=[item()])
+    row = metric.audit_rows()[0]
+    assert json.loads(row["sampling"])["unet_evaluations"] == STEPS and json.loads(row["sampling"])["stopped"] == "safe"
+    metric.update(Generator(tiny_pipe).sample([item()]), items=[item()])  # a plain sampler's image has none
+    assert "sampling" not in metric.audit_rows()[1]
 
 
 def test_strength_0_is_the_base_model_bit_for_bit(tiny_pipe):

@@ -45,6 +45,7 @@ import numpy as np
 from PIL import Image
 from scipy import stats
 
+from duobench.cache import SAMPLING_INFO
 from duobench.errors import DuobenchError
 from duobench.metrics.base import (
     Judge,
@@ -237,12 +238,22 @@ class DefenseSuccessRate(StreamingMetric):
     ) -> None:
         if items is None or len(items) != len(images):
             raise DuobenchError("DSR groups images by prompt: pass one item (WorkItem or dict) per image.")
-        self.record(items, judge_images(self.judge, list(images), [item_prompt(item) for item in items]), phase)
+        verdicts = judge_images(self.judge, list(images), [item_prompt(item) for item in items])
+        sampling = [{"sampling": image.info[SAMPLING_INFO]} if SAMPLING_INFO in image.info else {} for image in images]
+        self.record(items, verdicts, phase, sampling)
 
-    def record(self, items: Sequence[Any], verdicts: Sequence[Verdict], phase: str | None = None) -> None:
+    def record(
+        self,
+        items: Sequence[Any],
+        verdicts: Sequence[Verdict],
+        phase: str | None = None,
+        extras: Sequence[dict[str, Any]] | None = None,
+    ) -> None:
         """Count verdicts made without this metric's judge: a guard's refusals, which are defended requests
-        with no image (`duobench.guards.base`); `update` records the judge's verdicts through it."""
-        for item, verdict in zip(items, verdicts, strict=True):
+        with no image (`duobench.guards.base`); `update` records the judge's verdicts through it, with each
+        image's sampler record (``extras``: `duobench.cache.SAMPLING_INFO`) for its audit row."""
+        extras = extras if extras is not None else [{}] * len(items)
+        for item, verdict, extra in zip(items, verdicts, extras, strict=True):
             item_phase = phase or item_meta(item).get("phase", "attack")
             if item_phase not in PHASES:
                 raise DuobenchError(f"Unknown phase {item_phase!r}; use one of {', '.join(PHASES)}.")
@@ -253,7 +264,7 @@ class DefenseSuccessRate(StreamingMetric):
             table = self._state["per_prompt"]
             table[key] = [a + b for a, b in zip(table.get(key, [0, 0, 0, 0]), counts, strict=True)]
             row = audit_row(self.judge.card, verdict, item)
-            self._state["rows"].append({**row, "phase": item_phase})
+            self._state["rows"].append({**row, **extra, "phase": item_phase})
 
     def compute(self) -> dict[str, Any]:
         report = report_from_counts(self._state["per_prompt"], self.convention, self.confidence)
