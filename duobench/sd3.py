@@ -72,6 +72,28 @@ def tiny_t5_tokenizer():
     return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=512)
 
 
+def clip_text_encoder(width: int, layers: int, heads: int, intermediate: int):
+    """A randomly initialised ``CLIPTextModelWithProjection`` laid out as SD3's CLIP-L and CLIP-G are (SD1.4's
+    49,408-token vocabulary and special tokens, 77 positions, a projection of the encoder's width), at any
+    size: the tiny random SD3 pipeline's and the SD3 toy model's."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    return CLIPTextModelWithProjection(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=width,
+            intermediate_size=intermediate,
+            projection_dim=width,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            max_position_embeddings=77,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
+        )
+    )
+
+
 def tiny_random_sd3_pipeline(seed: int = 0, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
     """A tiny randomly initialised SD3-architecture pipeline, built from configs: no download, no network.
 
@@ -90,32 +112,16 @@ def tiny_random_sd3_pipeline(seed: int = 0, device: torch.device | str = "cpu", 
         SD3Transformer2DModel,
         StableDiffusion3Pipeline,
     )
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    from transformers import T5Config, T5EncoderModel
 
     from duobench.tokenizer import sd_clip_tokenizer
 
     clip_width, t5_width = 16, 32
     t5_tokenizer = tiny_t5_tokenizer()
 
-    def clip_encoder():
-        return CLIPTextModelWithProjection(
-            CLIPTextConfig(
-                vocab_size=49408,
-                hidden_size=clip_width,
-                intermediate_size=2 * clip_width,
-                projection_dim=clip_width,
-                num_hidden_layers=2,
-                num_attention_heads=2,
-                max_position_embeddings=77,
-                bos_token_id=49406,
-                eos_token_id=49407,
-                pad_token_id=49407,
-            )
-        )
-
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        text_encoder, text_encoder_2 = clip_encoder(), clip_encoder()
+        text_encoder, text_encoder_2 = (clip_text_encoder(clip_width, 2, 2, 2 * clip_width) for _ in range(2))
         text_encoder_3 = T5EncoderModel(
             T5Config(
                 vocab_size=len(t5_tokenizer),

@@ -83,22 +83,9 @@ def make_transformer():
 def make_clip_encoder(width: int):
     """CLIPTextModelWithProjection with SD1.4's vocabulary and 77 positions, 3 layers (SD3 reads the
     penultimate layer's states, so the per-token conditioning passes through 2), heads of 16."""
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+    from duobench.sd3 import clip_text_encoder
 
-    return CLIPTextModelWithProjection(
-        CLIPTextConfig(
-            vocab_size=49408,
-            hidden_size=width,
-            intermediate_size=4 * width,
-            projection_dim=width,
-            num_hidden_layers=3,
-            num_attention_heads=width // 16,
-            max_position_embeddings=77,
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=49407,
-        )
-    )
+    return clip_text_encoder(width, layers=3, heads=width // 16, intermediate=4 * width)
 
 
 def make_t5_encoder(vocab_size: int):
