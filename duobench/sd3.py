@@ -76,22 +76,11 @@ def clip_text_encoder(width: int, layers: int, heads: int, intermediate: int):
     """A randomly initialised ``CLIPTextModelWithProjection`` laid out as SD3's CLIP-L and CLIP-G are (SD1.4's
     49,408-token vocabulary and special tokens, 77 positions, a projection of the encoder's width), at any
     size: the tiny random SD3 pipeline's and the SD3 toy model's."""
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+    from transformers import CLIPTextModelWithProjection
 
-    return CLIPTextModelWithProjection(
-        CLIPTextConfig(
-            vocab_size=49408,
-            hidden_size=width,
-            intermediate_size=intermediate,
-            projection_dim=width,
-            num_hidden_layers=layers,
-            num_attention_heads=heads,
-            max_position_embeddings=77,
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=49407,
-        )
-    )
+    from duobench.small_sd1 import clip_text_config
+
+    return CLIPTextModelWithProjection(clip_text_config(width, layers, heads, intermediate, projection_dim=width))
 
 
 def tiny_random_sd3_pipeline(seed: int = 0, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):

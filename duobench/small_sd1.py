@@ -52,20 +52,27 @@ def small_vae(block_out_channels: tuple[int, int, int], layers_per_block: int):
 
 def small_text_encoder(width: int, intermediate_size: int):
     """CLIPTextModel with SD1.4's vocabulary (49,408 tokens), special tokens and 77 positions; 2 layers."""
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel
 
-    return CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=49408,
-            hidden_size=width,
-            intermediate_size=intermediate_size,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=49407,
-        )
+    return CLIPTextModel(clip_text_config(width, layers=2, heads=4, intermediate=intermediate_size))
+
+
+def clip_text_config(width: int, layers: int, heads: int, intermediate: int, **extra):
+    """A CLIPTextConfig with SD1.4's vocabulary, special tokens and 77 positions, at any size (``extra``:
+    e.g. SD3's ``projection_dim``)."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=width,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        max_position_embeddings=77,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+        **extra,
     )
 
 
