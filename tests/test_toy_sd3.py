@@ -155,3 +155,32 @@ def test_build_command_refuses_an_unknown_family():
 
     result = CliRunner().invoke(toy_app, ["build", "--family", "sd4"])
     assert result.exit_code != 0 and "sd1 or sd3" in result.output
+
+
+def test_shipped_sd3_toy_model_draws_what_it_is_told():
+    """A reduced `duobench toy check --model toy-sd3`: 4 seeds instead of 20, sampled as the star-sd3 concept
+    says (flow-matching Euler, 20 steps, CFG 7.5). The full check's rates are in the README."""
+    from duobench.toy.check import QualityBar, run_toy_check
+
+    result = run_toy_check(
+        model="toy-sd3", seeds=4, batch_size=64, device="cpu", bar=QualityBar(*SHIPPED_BAR), console=QUIET
+    )
+    assert result["sampler"]["scheduler"] == "flow-euler" and result["images"] == 5 * 5 * 4 + 4 * 5 * 4
+    assert result["passed"], result
+
+
+def test_the_sd3_toy_model_runs_its_own_star_concept():
+    """`--model toy-sd3` picks star-sd3 (the star with the SD3 toy's sampler) and refuses the SD1 toy's star."""
+    from duobench.concepts import load_concept
+    from duobench.models import default_sampler_settings, load_pipeline, pipeline_family
+    from duobench.run_config import check_model_family, default_concept
+
+    assert default_concept("toy-sd3") == "star-sd3"
+    with pytest.raises(DuobenchError, match="--concept star-sd3"):
+        check_model_family("star", "toy-sd3")
+    pipe = load_pipeline("toy-sd3", device="cpu")
+    assert pipeline_family(pipe) == "sd3"
+    settings = default_sampler_settings(pipe, load_concept("star-sd3"))
+    assert (settings.scheduler, settings.steps, settings.height) == ("flow-euler", 20, 32)
+    star = load_concept("star")
+    assert load_concept("star-sd3").prompt_sets == star.prompt_sets and load_concept("star-sd3").judge == star.judge

@@ -13,7 +13,8 @@ Periodic ``checkpoint-<step>/`` folders and a ``training_log.jsonl`` sit beside 
 On Stable Diffusion 3 (`duobench.models.pipeline_family`) the same steps run with SD3's pieces: pairs from
 SD3 and its img2img (`duobench.duo.pairs`), the loss and loop of `duobench.duo.sd3_train`, a LoRA on the
 transformer that ``apply`` loads into ``pipe.transformer``; the card adds ``model_family: sd3``. The config's
-defaults are SD1's; the official SD3 recipe sets ``base_lr=3e-5`` and ``t_min=1`` (`duobench.duo.sd3_train`).
+defaults are SD1's; the official SD3 recipe's ``base_lr=3e-5`` and ``t_min=1`` come from the SD3 concept
+(``nudity-sd3``'s ``method_options``), as every model family's settings do.
 """
 
 from __future__ import annotations
