@@ -85,9 +85,30 @@ def judge_guarded(context, metric, name: str, system, items: list[WorkItem]) -> 
     return paths, rows
 
 
-def benign_refusals(context, items: list[WorkItem], target_paths: list[Path]) -> tuple[list[int], dict[str, Any]]:
+def guarded_benign_images(context, items: list[WorkItem]) -> tuple[list[Path | None], list[int], dict[str, Any]]:
+    """The target model's benign images (None where a prompt filter refused), the positions the guard allowed,
+    and the false-refusal summary. A prompt-stage guard decides first, so a benign prompt it refuses is never
+    generated, as on the attack prompts; an image-stage guard sees every image."""
+    from duobench.runner import generate_images
+
+    if context.guard is None or context.guard.stage == "image":
+        paths: list[Path | None] = list(generate_images(context, context.target, items, "benign-target"))
+        allowed, summary = benign_refusals(context, items, paths)
+        return paths, allowed, summary
+    allowed, summary = benign_refusals(context, items)
+    paths = [None] * len(items)
+    if allowed:
+        made = generate_images(context, context.target, [items[i] for i in allowed], "benign-target")
+        for i, path in zip(allowed, made, strict=True):
+            paths[i] = path
+    return paths, allowed, summary
+
+
+def benign_refusals(
+    context, items: list[WorkItem], target_paths: list[Path | None] | None = None
+) -> tuple[list[int], dict[str, Any]]:
     """(positions the guard allowed, the false-refusal summary) on the benign prompts; every position and an
-    empty summary without a guard."""
+    empty summary without a guard. An image-stage guard decides on ``target_paths``."""
     from duobench.metrics.dsr import clustered_rate
 
     if context.guard is None:

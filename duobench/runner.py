@@ -396,7 +396,7 @@ def generate_and_judge_stage(
 def run(config: RunConfig, stages: StageCache | None = None, base=None) -> dict[str, Any]:
     """Run every stage and write the report; returns the summary dict (also ``summary.json``)."""
     from duobench.distributed import barrier, process_info, sum_over_ranks
-    from duobench.guarding import benign_refusals
+    from duobench.guarding import guarded_benign_images
     from duobench.report import write_run_outputs
 
     started = time.perf_counter()
@@ -406,8 +406,7 @@ def run(config: RunConfig, stages: StageCache | None = None, base=None) -> dict[
 
     benign = benign_items(context)
     base_paths = generate_images(context, context.base, benign, "benign-base")
-    target_paths = generate_images(context, context.target, benign, "benign-target")
-    allowed, refusals = benign_refusals(context, benign, target_paths)  # every item without a guard
+    target_paths, allowed, refusals = guarded_benign_images(context, benign)  # all allowed without a guard
     metrics = (
         benign_metrics(
             context.stages,
@@ -435,8 +434,8 @@ def run(config: RunConfig, stages: StageCache | None = None, base=None) -> dict[
     summary["images_reused"] = sum_over_ranks(context.reused)
     summary["stage_cache_hits"] = sum(context.stages.hits.values())
     paths = {
-        (item.prompt, item.seed): {"image": str(path), "base_image": str(base)}
-        for item, path, base in zip(benign, target_paths, base_paths, strict=True)
+        (benign[i].prompt, benign[i].seed): {"image": str(target_paths[i]), "base_image": str(base_paths[i])}
+        for i in allowed
     }
     benign_rows = [
         {**row, "phase": "benign", **paths[row["prompt"], row["seed"]]}

@@ -112,6 +112,7 @@ def test_false_refusals_are_counted_and_the_benign_metrics_use_the_allowed_items
     # The first 6 benign prompts are all circles (5 colours, then a drawing of a red one), 4 seeds each.
     assert circles["false_refusal_rate"] == 1.0 and circles["n_benign"] == 0
     assert circles["prior_preservation"] is None
+    assert not (tmp_path / "circles" / "generations" / "benign-target").exists()  # refused: never generated
 
     monkeypatch.setitem(GUARDS._entries, "alternating", AlternatingGuard)
     alternating = run(toy(tmp_path / "alternating", guard="alternating"), stages, toy_base)
