@@ -32,6 +32,17 @@ def test_a_method_optimising_against_a_classifier_has_its_weights_checked():
     assert checks["reward judge weights"].ok and "toy-star-2@1" in checks["reward judge weights"].detail
 
 
+def test_a_guard_and_its_checker_are_checked_like_the_judge():
+    checks = {c.name: c for c in validate_run(RunConfig(model="toy", concept="star", guard="output-checker"))}
+    assert checks["guard"].ok and "image-stage" in checks["guard"].detail
+    assert checks["guard checker weights"].ok and "toy-star-2@1" in checks["guard checker weights"].detail
+    assert "evaluation judge" in failures(guard="output-checker", guard_options={"checker": "toy-star"})["guard"]
+    assert (
+        "not a judge preset"
+        in failures(guard="output-checker", guard_options={"checker": "fid-toy"})["guard checker weights"]
+    )
+
+
 def test_a_concept_refuses_a_model_family_it_is_not_made_for_before_any_model_loads(tmp_path, monkeypatch):
     import pytest
 
