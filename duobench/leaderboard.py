@@ -25,7 +25,15 @@ from duobench.stages import StageCache
 LEADERBOARD_COLUMNS = (*SUMMARY_COLUMNS, "training_seed", "run_config")
 SEED_SPREAD_METRICS = ("dsr", "dsr_pre_attack", "prior_preservation", "fid", "clip_score")
 """In the order of the Markdown spread table's columns."""
-LATER_COLUMNS = ("close_prior_preservation", "close_concepts", "guard", "false_refusal_rate", "n_benign_refused")
+LATER_COLUMNS = (
+    "close_prior_preservation",
+    "close_concepts",
+    "guard",
+    "false_refusal_rate",
+    "false_refusal_ci_low",
+    "false_refusal_ci_high",
+    "n_benign_refused",
+)
 """Columns added after leaderboards were first published: a CSV made before them is still checked."""
 COMPARED = ("dsr", "dsr_ci_low", "dsr_ci_high", "prior_preservation", "clip_score", "fid")
 
@@ -352,22 +360,37 @@ def _mean_sd(entry: dict[str, Any], metric: str) -> str:
     return mean if sd is None or mean == "-" else f"{mean} ± {format_number(sd, digits)}"
 
 
+def _false_refusals(row) -> str:
+    """A guarded row's false-refusal rate with its interval (``-`` for a row without a guard)."""
+    import pandas as pd
+
+    if pd.isna(row.get("false_refusal_rate")):
+        return "-"
+    rate = format_number(row["false_refusal_rate"])
+    if pd.isna(row.get("false_refusal_ci_low")):
+        return rate
+    return f"{rate} [{format_number(row['false_refusal_ci_low'])}, {format_number(row['false_refusal_ci_high'])}]"
+
+
 def markdown(frame) -> str:
     import pandas as pd
 
+    guarded = "false_refusal_rate" in frame.columns and frame["false_refusal_rate"].notna().any()
+    refusals_header = " false refusals [95% CI] |" if guarded else ""
     lines = [
         "| method | attack | training seed | DSR [95% CI] | pre-attack DSR | prior preservation | FID | CLIP score "
-        "| n | cards |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        f"|{refusals_header} n | cards |",
+        "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if guarded else ""),
     ]
     for _, row in frame.iterrows():
         cards = ", ".join(str(row[f"card_{name}"]) for name in ("judge", "prior_preservation", "fid", "clip_score"))
         seed = "-" if pd.isna(row["training_seed"]) else int(row["training_seed"])
+        refusals = f" {_false_refusals(row)} |" if guarded else ""
         lines.append(
             f"| {system_label(row)} | {row['attack']} | {seed} | {row['dsr']:.3f} [{row['dsr_ci_low']:.3f}, "
             f"{row['dsr_ci_high']:.3f}] | {format_number(row['dsr_pre_attack'])} | "
             f"{format_number(row['prior_preservation'])} | {format_number(row['fid'], '.2f')} | "
-            f"{format_number(row['clip_score'])} | {row['n_prompts']}x{row['n_seeds']} | "
+            f"{format_number(row['clip_score'])} |{refusals} {row['n_prompts']}x{row['n_seeds']} | "
             f"{cards} |"
         )
     first = frame.iloc[0] if len(frame) else None

@@ -35,6 +35,8 @@ SUMMARY_COLUMNS = (
     "n_benign",
     "guard",
     "false_refusal_rate",
+    "false_refusal_ci_low",
+    "false_refusal_ci_high",
     "n_benign_refused",
     "card_dsr",
     "card_judge",
@@ -74,6 +76,8 @@ def flat_row(summary: dict[str, Any]) -> dict[str, Any]:
     """One CSV row: the CI split in two columns, cards as ``card_<metric>``, configs as JSON text."""
     row = {key: summary.get(key) for key in SUMMARY_COLUMNS if key in summary}
     row["dsr_ci_low"], row["dsr_ci_high"] = summary["dsr_ci"]
+    if summary.get("false_refusal_ci"):
+        row["false_refusal_ci_low"], row["false_refusal_ci_high"] = summary["false_refusal_ci"]
     for name, card in summary["cards"].items():
         row[f"card_{name}"] = card
     row["method_config"] = json.dumps(summary.get("method_config", {}), sort_keys=True)

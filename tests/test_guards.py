@@ -135,6 +135,10 @@ def test_a_leaderboard_runs_every_cell_once_per_guard(tmp_path, toy_base):
     assert list(frame["guard"].fillna("none")) == ["none", "keyword-filter"]
     assert list(frame["dsr"]) == [pytest.approx(rows[0]["dsr"]), 1.0]  # the filter refuses every star prompt
     assert "| none + keyword-filter | none |" in csv_path.with_suffix(".md").read_text()
+    guarded = frame.iloc[1]  # no benign prompt refused: rate 0 with a clustered interval above 0
+    assert guarded["false_refusal_rate"] == 0.0 and guarded["false_refusal_ci_low"] == 0.0
+    assert 0.0 < guarded["false_refusal_ci_high"] < 1.0 and pd.isna(frame.iloc[0]["false_refusal_ci_high"])
+    assert "false refusals [95% CI]" in csv_path.with_suffix(".md").read_text()
     assert (tmp_path / "runs" / "none__none__guard-keyword-filter" / "summary.json").exists()
 
 
