@@ -375,10 +375,7 @@ def apply(pipe, artifact_dir: Path, strength: float = 1.0) -> None:
     """Edit ``pipe`` in place toward the checkpoint: 0 is the base model, 1 the checkpoint."""
     if not 0.0 <= strength <= 1.0:
         raise DuobenchError(f"External strength interpolates base (0) to checkpoint (1); got {strength}.")
-    try:
-        card = read_card(Path(artifact_dir))
-    except FileNotFoundError as error:
-        raise DuobenchError(f"{artifact_dir} is not an external-checkpoint artifact: it has no card.json.") from error
+    card = read_card(artifact_dir, "an external-checkpoint")
     if card["kind"] == "lora":
         apply_loras(pipe, artifact_dir, card["loras"], strength, prefix="external")
         return

@@ -255,8 +255,12 @@ def write_card(out_dir: Path, method: str, config: Any, concept: Concept, **extr
     (out_dir / CARD_NAME).write_text(json.dumps(card, indent=2, sort_keys=True, default=str))
 
 
-def read_card(artifact: Path) -> dict[str, Any]:
-    return json.loads((artifact / CARD_NAME).read_text())
+def read_card(artifact: Path, what: str = "a method") -> dict[str, Any]:
+    """The artifact's card; a folder without one is not ``what`` artifact, which is said plainly."""
+    try:
+        return json.loads((Path(artifact) / CARD_NAME).read_text())
+    except FileNotFoundError as error:
+        raise DuobenchError(f"{artifact} is not {what} artifact: it has no {CARD_NAME}.") from error
 
 
 def apply_lora_artifact(pipe, artifact_dir: Path, strength: float, method: str) -> None:
@@ -266,8 +270,5 @@ def apply_lora_artifact(pipe, artifact_dir: Path, strength: float, method: str) 
 
     if not 0.0 <= strength <= 1.0:
         raise DuobenchError(f"{method} strength is a LoRA scale in [0, 1], got {strength}.")
-    try:
-        card = read_card(Path(artifact_dir))
-    except FileNotFoundError as error:
-        raise DuobenchError(f"{artifact_dir} is not a {method} artifact: it has no card.json.") from error
+    card = read_card(artifact_dir, f"a {method}")
     apply_loras(pipe, artifact_dir, card["loras"], strength, prefix=method.lower())

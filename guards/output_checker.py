@@ -25,7 +25,7 @@ from PIL import Image
 
 from duobench.concepts import Concept
 from duobench.errors import DuobenchError
-from duobench.guards.base import Decision, config_identity, refusal
+from duobench.guards.base import Decision, check_independent, config_identity, refusal
 from duobench.items import WorkItem
 from duobench.metrics.base import card_identity, judge_images
 
@@ -56,11 +56,7 @@ class OutputChecker:
                 "The output checker has no classifier: build it with make_guard(..., concept) to default to the "
                 "concept's reward_judge, or pass the guard option checker=<judge preset> (e.g. sd-safety-checker)."
             )
-        if self.config.checker == concept.judge:
-            raise DuobenchError(
-                f"The output checker would classify with {concept.judge!r}, concept {concept.name!r}'s evaluation "
-                "judge: every image it allows would be judged safe by construction. Pass checker=<another preset>."
-            )
+        check_independent(self, concept.judge)
         self.judge = build_judge(self.config.checker)
 
     def identity(self) -> dict[str, Any]:
