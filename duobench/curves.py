@@ -88,29 +88,68 @@ def curve_rows(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def write_grid_figure(rows: list[dict[str, Any]], png_path: Path, title: str = "") -> None:
-    """A leaderboard as a figure: one panel per attack, DSR against prior preservation, one colour per
-    method. Each training (seed) is a small dot; a method's mean over its trainings is a large marker with
-    the range of its trainings' DSR intervals (one training: its own interval) as the error bar."""
+    """A leaderboard as a figure: one panel per attack, DSR against prior preservation; a colour per method
+    and a marker per guard, named in one legend under the panels (labels beside the points overlapped
+    wherever systems meet, as they do at DSR 1). Each training (seed) is a small dot; a system's mean over
+    its trainings is a large marker with the range of its trainings' DSR intervals (one training: its own
+    interval) as the error bar."""
     import pandas as pd
 
     from duobench.leaderboard import system_label
 
     frame = pd.DataFrame(rows)
     frame["system"] = [system_label(row) for row in rows]
+    style = system_styles(rows)
     attacks = list(dict.fromkeys(frame["attack"]))
-    methods = list(dict.fromkeys(frame["system"]))
-    colours = {method: f"C{n % 10}" for n, method in enumerate(methods)}
     figure, axes = _panels(len(attacks))
+    handles = {}
     for axis, attack in zip(axes, attacks, strict=True):
-        for method, group in frame[frame["attack"] == attack].groupby("system", sort=False):
+        for system, group in frame[frame["attack"] == attack].groupby("system", sort=False):
+            colour, marker = style[system]
             x, y = group["prior_preservation"].astype(float), group["dsr"].astype(float)
-            axis.scatter(x, y, s=12, alpha=0.45, color=colours[method])
+            axis.scatter(x, y, s=12, alpha=0.45, color=colour, marker=marker)
             low, high = group["dsr_ci_low"].astype(float).min(), group["dsr_ci_high"].astype(float).max()
             errors = [[y.mean() - low], [high - y.mean()]]
-            axis.errorbar(x.mean(), y.mean(), yerr=errors, marker="o", ms=7, capsize=3, color=colours[method])
-            axis.annotate(method, (x.mean(), y.mean()), fontsize=7, textcoords="offset points", xytext=(4, 4))
+            handles[system] = axis.errorbar(
+                x.mean(), y.mean(), yerr=errors, marker=marker, ms=7, capsize=3, color=colour, alpha=0.85
+            )
         _label(axis, f"attack: {attack}", "prior preservation (1 - distance)")
-    _save(figure, png_path, title)
+    systems = [system for system in dict.fromkeys(frame["system"]) if system in handles]
+    guards = len({marker for _, marker in style.values()})
+    columns = min(len(systems), guards if guards > 1 else 6)
+    legend = figure.legend([handles[s] for s in systems], systems, loc="lower center", ncol=columns, fontsize=8)
+    legend.get_frame().set_linewidth(0)
+    legend_rows = -(-len(systems) // columns)
+    _save(figure, png_path, title, bottom=(0.2 * legend_rows + 0.1) / figure.get_size_inches()[1])
+
+
+GUARD_MARKERS = ("o", "s", "^", "D", "v", "P", "X")
+"""A grid's guards in order: the first (no guard, in a grid) is a circle, then one marker per guard."""
+
+
+def system_styles(rows: list[dict[str, Any]]) -> dict[str, tuple[str, str]]:
+    """Each system's (colour, marker) in a grid figure: a colour per method, a marker per guard."""
+    from duobench.leaderboard import system_label
+
+    methods = list(dict.fromkeys(row["method"] for row in rows))
+    guards = list(dict.fromkeys(_guard(row) for row in rows))
+    colours = dict(zip(methods, method_colours(len(methods)), strict=True))
+    markers = {guard: GUARD_MARKERS[n % len(GUARD_MARKERS)] for n, guard in enumerate(guards)}
+    return {system_label(row): (colours[row["method"]], markers[_guard(row)]) for row in rows}
+
+
+def _guard(row: dict[str, Any]) -> str:
+    guard = row.get("guard")
+    return guard if isinstance(guard, str) and guard else "none"
+
+
+def method_colours(count: int) -> list[str]:
+    """``count`` distinguishable colours: tab10's ten, then tab20's light twins of them."""
+    import matplotlib
+
+    tab20 = matplotlib.colormaps["tab20"].colors
+    order = [2 * n for n in range(10)] + [2 * n + 1 for n in range(10)]
+    return [matplotlib.colors.to_hex(tab20[order[n % 20]]) for n in range(count)]
 
 
 def _panels(count: int, columns: int = 4):
@@ -137,7 +176,7 @@ def _label(axis, title: str, xlabel: str) -> None:
     axis.grid(alpha=0.3)
 
 
-def _save(figure, png_path: Path, title: str) -> None:
+def _save(figure, png_path: Path, title: str, bottom: float = 0.0) -> None:
     import io
 
     import matplotlib.pyplot as plt
@@ -146,7 +185,7 @@ def _save(figure, png_path: Path, title: str) -> None:
 
     if title:
         figure.suptitle(title)
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, bottom, 1, 1))
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=120)
     plt.close(figure)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from duobench.curves import config_at, sweep, write_curve
+from duobench.curves import config_at, sweep, system_styles, write_curve, write_grid_figure
 from duobench.errors import DuobenchError
 from duobench.run_config import RunConfig, check_run_config
 from duobench.stages import StageCache
@@ -78,3 +78,30 @@ def test_close_concepts_report_the_distance_to_the_base_models_images_per_concep
     assert uce["close_prior_preservation"] == pytest.approx(1 - mean)
     rows = pd.read_csv(tmp_path / "uce" / "summary.csv")
     assert json.loads(rows["close_concepts"][0]) == json.loads(json.dumps(uce["close_concepts"]))
+
+
+def test_a_grid_figure_tells_every_system_apart(tmp_path):
+    """Eleven methods behind four guards (the size of the toy grids): no two systems share a colour and a
+    marker, a method keeps its colour behind every guard, and the figure is written."""
+    methods = ["none", "duo", "esd-u", "esd-x", "uce", "spm", "sld", "sd-np", "safree", "safegen", "sdd"]
+    guards = ["none", "keyword-filter", "latent-guard", "output-checker"]
+    rows = [
+        {
+            "method": m,
+            "guard": g,
+            "attack": a,
+            "prior_preservation": 0.9,
+            "dsr": 1.0,
+            "dsr_ci_low": 0.96,
+            "dsr_ci_high": 1.0,
+        }
+        for m in methods
+        for g in guards
+        for a in ("none", "p4d")
+    ]
+    styles = system_styles(rows)
+    assert len(styles) == len(methods) * len(guards)
+    assert len(set(styles.values())) == len(styles)
+    assert {styles[f"duo + {g}"][0] for g in guards[1:]} == {styles["duo"][0]}
+    write_grid_figure(rows, tmp_path / "grid.png", title="grid")
+    assert (tmp_path / "grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
