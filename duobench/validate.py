@@ -9,6 +9,7 @@ estimates its time on the detected device (`duobench.workload`).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -221,7 +222,7 @@ def plan_workload(config: RunConfig):
 
     from duobench.attacks.run import make_attack
     from duobench.concepts import load_concept
-    from duobench.models import default_device, load_pipeline, pipeline_fingerprint
+    from duobench.models import default_device, default_sampler_settings, load_pipeline, pipeline_fingerprint
     from duobench.run_config import apply_threads
     from duobench.runner import RunPlan, load_prompt_sets
     from duobench.workload import artifact_cached, run_workload
@@ -233,12 +234,19 @@ def plan_workload(config: RunConfig):
     if config.attack != "none":
         attack = make_attack(config.attack, attack_options(concept, config.attack, config.attack_options))
     device = torch.device(config.device) if config.device else default_device()
-    trained = None
+    trained, steps = None, concept.generation.get("steps")
     if config.method != "none" and model_on_disk(config.model):
         pipe = load_pipeline(config.model, device=device)
         trained = artifact_cached(config, concept, pipe, pipeline_fingerprint(pipe))
-    plan = RunPlan(config, concept, prompt_set, benign, attack, close=close)
-    return run_workload(plan, device.type, trained)
+        steps = default_sampler_settings(pipe, concept).steps
+    guard = None
+    if config.guard != "none":
+        from duobench.guards.base import make_guard
+
+        with contextlib.suppress(DuobenchError):  # the guard's own row reports why it cannot be built
+            guard = make_guard(config.guard, config.guard_options, concept)
+    plan = RunPlan(config, concept, prompt_set, benign, attack, close=close, guard=guard)
+    return run_workload(plan, device.type, trained, steps)
 
 
 def model_on_disk(model: str) -> bool:

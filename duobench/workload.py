@@ -69,6 +69,23 @@ TOY_CPU = CostTable(
         # one optimiser step; the judged generation after each timestep included (10 iterations per timestep)
         "unlearndiffatk step": (0.10, 0.31),
         "finetune step": (0.054, 0.16),
+        # The entries below: benchmarks/toy_unit_costs.py, idle and beside five other jobs (load average 5.5-7).
+        # training steps at the star concept's options (SafeGen: 5 triplets; ShieldDiff: 32 samples of 10 steps)
+        "safegen step": (0.051, 0.15),
+        "sdd iteration": (0.15, 0.51),
+        "shielddiff epoch": (3.6, 10.0),
+        "latent-guard epoch": (0.024, 0.064),
+        # an inference-time method's cost per image on top of the base model's (SD-NP, SAFREE: none measurable)
+        "sld image": (0.023, 0.057),
+        "sd-np image": (0.0, 0.004),
+        "safree image": (0.002, 0.004),
+        # forward or checkpointed backward, as PNO's sampler counts them
+        "pno unet evaluation": (0.024, 0.070),
+        # one GCG iteration of a prompt's search (512 candidates)
+        "mma-diffusion step": (0.10, 0.31),
+        # one iteration of a row on the base model's UNet, its evaluations every 25 included (a method that adds
+        # modules to the UNet, such as SPM, costs more)
+        "p4d step": (0.06, 0.12),
     },
 )
 
@@ -125,6 +142,9 @@ class Stage:
     """(count, cost unit) pairs, e.g. [(300, "duo step")]."""
     cached: bool = False
     """Its result is already cached: it will cost nothing."""
+    at_most: bool = False
+    """The work is a ceiling (an attack that stops at a row's first success, PNO's per-item budget): the
+    estimate is an upper bound."""
 
 
 @dataclass
@@ -167,12 +187,15 @@ class Workload:
         rows = []
         for stage in self.stages:
             seconds = self.stage_seconds(stage)
-            rows.append((stage.name, stage.work, "cached" if stage.cached else duration(seconds)))
+            estimate = "cached" if stage.cached else duration(seconds)
+            rows.append((stage.name, stage.work, f"at most {estimate}" if stage.at_most and seconds else estimate))
         total = self.seconds()
         if total is None:
             estimate = f"no per-unit costs for {self.model} on {self.device}"
         else:
             estimate = duration(total[:2]) + ("" if total[2] else " + stages without an estimate")
+            if any(stage.at_most and not stage.cached for stage in self.stages):
+                estimate = f"at most {estimate}"
         rows.append(("total", f"{self.total_images} images", estimate))
         return rows
 
@@ -205,11 +228,12 @@ def duration(seconds: tuple[float, float] | None) -> str:
     return "about " + (high_text if low_text == high_text else f"{low_text}-{high_text}") + f" {unit}"
 
 
-def run_workload(plan, device: str, trained: bool | None = None) -> Workload:
+def run_workload(plan, device: str, trained: bool | None = None, sampler_steps: int | None = None) -> Workload:
     """Count a planned run's work (a `duobench.runner.RunPlan`; only its config, concept, prompt sets and attack
     are read) and attach the per-unit costs for ``device``.
 
     ``trained``: whether the method's artifact is already cached (`artifact_cached`); None when unknown.
+    ``sampler_steps``: the steps of the run's images (PNO's cost scales with them); None when unknown.
     """
     config, concept = plan.config, plan.concept
     rows, benign = plan.prompt_set.rows, plan.benign.rows
@@ -234,10 +258,15 @@ def run_workload(plan, device: str, trained: bool | None = None) -> Workload:
         Stage("plan and report", "metric presets, FID reference, contact sheet, report", [(1, "run overhead")]),
     ]
     stages += method_stages(config, concept, trained)
+    if plan.guard is not None:
+        stages += guard_stages(plan.guard)
     if plan.attack is not None:
         stages.append(attack_stage(attack, plan.attack, rows, config))
     judged = attack_phase + pre_attack
     stages.append(Stage("attack + pre-attack images", f"{judged} images, judged", [(judged, "judged image")]))
+    if method != "none" and inference_time(method):
+        evaluated = judged + images["benign unlearned"] + images["close concepts unlearned"]
+        stages.append(sampling_stage(config, concept, evaluated, sampler_steps))
     other = images["benign base"] + images["benign unlearned"] + images["contact sheet"]
     stages.append(
         Stage(
@@ -289,6 +318,8 @@ def method_stages(config, concept: Concept, trained: bool | None) -> list[Stage]
         work = f"{len(loras)} LoRA(s) x {method_config.steps} steps of {method_config.pairs_per_step} pairs"
         stages.append(Stage("DUO training", f"{work} ({status})", [(steps, "duo step")], cached=bool(trained)))
         return stages
+    if inference_time(method):
+        return [Stage(f"{method} training", "none: it acts while sampling", [])]
     steps, unit = training_steps(method_config)
     if steps:
         stages.append(
@@ -301,9 +332,50 @@ def method_stages(config, concept: Concept, trained: bool | None) -> list[Stage]
     return stages
 
 
+WEIGHTS = ("text_encoder", "unet", "vae")
+
+
+def inference_time(method: str) -> bool:
+    """Whether ``method`` changes no weights: it edits the conditioning or the guidance while sampling (SLD,
+    SD-NP, SAFREE, PNO), so it trains nothing and every image of the evaluated model costs more instead."""
+    from duobench.registry import METHODS
+
+    return not set(METHODS.get(method).touches) & set(WEIGHTS)
+
+
+def sampling_stage(config, concept: Concept, images: int, steps: int | None) -> Stage:
+    """What an inference-time method adds to the ``images`` the evaluated model draws with ``steps`` sampler
+    steps (None: unknown): PNO's search, at most its per-item budget of UNet evaluations; another method's
+    guidance, a cost per image."""
+    from duobench.methods import make_config
+    from duobench.registry import METHODS
+    from duobench.run_config import method_options
+
+    method = config.method
+    if method != "pno":
+        return Stage(f"{method} sampling", f"{images} images of the evaluated model", [(images, f"{method} image")])
+    if steps is None:
+        return Stage("PNO sampling", f"{images} images, sampler steps unknown", [(images, "pno image")])
+    options = make_config(METHODS.get(method), method_options(concept, method, config.method_options))
+    worst = (options.random_trials + 2 * options.opt_steps - 1) * steps
+    per_item = min(worst, options.max_unet_evaluations or worst)
+    work = f"{images} images x at most {per_item} UNet evaluations (an item safe at once: {steps})"
+    return Stage("PNO sampling", work, [(images * per_item, "pno unet evaluation")], at_most=True)
+
+
+def guard_stages(guard: Any) -> list[Stage]:
+    """A learned guard's training (Latent Guard's epochs), once per guard config; none for a guard that
+    trains nothing."""
+    steps, unit = training_steps(guard.config)
+    if not steps:
+        return []
+    work = f"{steps} {unit} (trained once per guard config and base model; cache not checked)"
+    return [Stage(f"{guard.name} training", work, [(steps, f"{guard.name} {unit[:-1]}")])]
+
+
 def training_steps(method_config: Any) -> tuple[int, str]:
-    """(count, "iterations" / "steps") from the config's ``iterations`` or ``steps`` field; (0, "") if none."""
-    for name in ("iterations", "steps"):
+    """(count, "iterations" / "steps" / "epochs") from the config's field of that name; (0, "") if none."""
+    for name in ("iterations", "steps", "epochs"):
         value = getattr(method_config, name, None)
         if isinstance(value, int) and value > 0:
             return value, name
@@ -320,7 +392,7 @@ def attack_stage(name: str, attack: Any, rows: list, config) -> Stage:
     if name == "ring-a-bell":
         searches = len({row.prompt for row in rows})  # rows repeating a prompt share its search
         generations = budget.steps or options.generations
-        work = f"{searches} search{'es' if searches != 1 else ''} x {generations} generations"
+        work = f"{searches_text(searches)} x {generations} generations"
         work += f" (population {options.population})"
         # a generation's cost is one encoder pass over its unscored genomes: about proportional to the population
         units = searches * generations * options.population / 200
@@ -342,6 +414,16 @@ def attack_stage(name: str, attack: Any, rows: list, config) -> Stage:
         steps = prompts * rounds * options.iterations
         work = f"{prompts} prompts x at most {rounds} timesteps x {options.iterations} iterations"
         return Stage("UnlearnDiffAtk", work, [(steps, "unlearndiffatk step"), (prompts * (rounds + 2), "image")])
+    if name == "mma-diffusion":
+        searches = len({row.prompt for row in rows})  # one search per distinct prompt text, shared by its rows
+        steps = budget.steps or options.iterations
+        work = f"{searches_text(searches)} x {steps} GCG iterations ({options.candidates} candidates)"
+        return Stage("MMA-Diffusion", work, [(searches * steps * options.candidates / 512, "mma-diffusion step")])
+    if name == "p4d":
+        steps = budget.steps or options.iterations
+        stop = ", stopping at a row's first success" if options.early_stop else ""
+        work = f"{prompts} prompts x at most {steps} iterations{stop}"
+        return Stage("P4D", work, [(prompts * steps, "p4d step")], at_most=options.early_stop)
     if name == "finetune":
         steps = budget.steps or options.steps
         images = 0 if options.data else options.images
@@ -353,6 +435,10 @@ def attack_stage(name: str, attack: Any, rows: list, config) -> Stage:
     )
     work = f"{prompts} prompts" + (f" x at most {per_prompt} steps" if per_prompt else "")
     return Stage(name, work, [(prompts * (per_prompt or 1), f"{name} step")])
+
+
+def searches_text(count: int) -> str:
+    return f"{count} search" + ("es" if count != 1 else "")
 
 
 def artifact_cached(config, concept: Concept, base_pipe, base_fingerprint: str) -> bool | None:
@@ -377,9 +463,11 @@ def log_plan(plan, base_pipe, base_fingerprint: str) -> Workload:
     import logging
 
     from duobench.distributed import process_info
+    from duobench.models import default_sampler_settings
 
     trained = artifact_cached(plan.config, plan.concept, base_pipe, base_fingerprint)
-    workload = run_workload(plan, base_pipe.device.type, trained)
+    steps = default_sampler_settings(base_pipe, plan.concept).steps
+    workload = run_workload(plan, base_pipe.device.type, trained, steps)
     if process_info().is_main:
         logging.getLogger(__name__).info(workload.text())
     return workload

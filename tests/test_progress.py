@@ -181,3 +181,30 @@ def test_a_toy_run_shows_its_plan_and_every_stages_progress_and_quiet_silences_t
     assert json.loads((tmp_path / "quiet" / "summary.json").read_text())["images_generated"] > 0
     for marker in ("plan for", "training", "generating", "ring-a-bell", "elapsed"):
         assert marker not in quiet.stderr
+
+
+def test_every_registered_method_attack_and_guard_has_a_toy_estimate(tmp_path, monkeypatch):
+    """The plan prices every stage of a toy run on a CPU: a method, attack or guard added without a measured
+    cost (`duobench.workload.TOY_CPU`, from benchmarks/toy_unit_costs.py) shows "no estimate" and fails here.
+    Searches and budgets are counted as the attacks spend them: MMA-Diffusion once per distinct prompt, P4D
+    and PNO up to a ceiling (an upper bound, said as "at most")."""
+    from duobench.registry import ATTACKS, GUARDS, METHODS
+    from duobench.run_config import RunConfig
+    from duobench.validate import plan_workload
+
+    monkeypatch.setenv("DUOBENCH_HOME", str(tmp_path))
+    needs_weights = {"external"}  # a folder of someone's weights: nothing of ours to price
+    cells = [(m, "none", "none") for m in METHODS.names() if m not in needs_weights]
+    cells += [("none", a, "none") for a in ATTACKS.names()] + [("none", "none", g) for g in GUARDS.names()]
+    estimates = {}
+    for method, attack, guard in cells:
+        config = RunConfig(model="toy", concept="star", method=method, attack=attack, guard=guard, device="cpu")
+        rows = {row[0]: row for row in plan_workload(config).rows()}
+        assert all("no estimate" not in estimate for _, _, estimate in rows.values()), (method, attack, guard, rows)
+        estimates[method, attack, guard] = rows
+    mma = estimates["none", "mma-diffusion", "none"]["MMA-Diffusion"]
+    assert mma[1].startswith("25 searches x 20 GCG iterations")  # 100 rows: 25 prompts x 4 seeds
+    assert estimates["none", "p4d", "none"]["P4D"][2].startswith("at most about")
+    pno = estimates["pno", "none", "none"]
+    assert pno["PNO sampling"][1].startswith("340 images x at most 280 UNet evaluations")  # (5 + 2 x 5 - 1) x 20
+    assert pno["total"][2].startswith("at most about") and pno["pno training"][2] == "under 1 s"
