@@ -6,9 +6,16 @@ on the base and on the unlearned model, the contact sheet's base-model column), 
 data and the attack's optimisation steps or queries. The image counts are exactly what a run on a cold cache
 generates (images with equal keys, and cached images, are reused, so they are an upper bound otherwise).
 
+An inference-time method (SLD, SD-NP, SAFREE, PNO) trains nothing; its stage is the extra cost of every image
+the evaluated model draws (PNO: its per-item budget of UNet evaluations). A learned guard's training is a
+stage. Where the work is a ceiling (P4D stops at a row's first success, PNO at the first safe sample) the
+estimate says "at most". Under torchrun the stages whose work is dealt across ranks (images, metrics,
+per-prompt attacks) take 1/ranks of their time; trainings and edit attacks keep theirs.
+
 The estimate multiplies those counts by a small table of per-unit costs for one model family on one device:
 
-- the toy model on a CPU: measured here with one torch thread on a 2-core CPU, idle and shared (a range);
+- the toy model on a CPU: measured here with one torch thread on a 2-core CPU, idle and shared (a range;
+  the units added with the wave-1 and wave-2 systems by `benchmarks/toy_unit_costs.py`);
 - SD1.4 on a GPU: the duobench code review's estimates for one H100 (its section 2.3), *not measured*: no GPU
   was available; the output says so.
 
@@ -18,7 +25,7 @@ counts without a time for that part.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from duobench.concepts import Concept
@@ -145,6 +152,9 @@ class Stage:
     at_most: bool = False
     """The work is a ceiling (an attack that stops at a row's first success, PNO's per-item budget): the
     estimate is an upper bound."""
+    dealt: bool = False
+    """Its work is dealt across torchrun ranks (images, metrics, per-prompt attacks); a training runs on every
+    rank at once, and an attack that shares one optimisation across prompts on rank 0 alone."""
 
 
 @dataclass
@@ -157,6 +167,8 @@ class Workload:
     """Images the run generates on a cold cache, per phase."""
     stages: list[Stage]
     costs: CostTable | None = None
+    ranks: int = 1
+    """Processes of the run (torchrun's world size): a dealt stage takes 1/ranks of its time."""
 
     @property
     def total_images(self) -> int:
@@ -168,8 +180,9 @@ class Workload:
             return (0.0, 0.0)
         if self.costs is None or any(unit not in self.costs.seconds for _, unit in stage.units):
             return None
-        low = sum(count * self.costs.seconds[unit][0] for count, unit in stage.units)
-        high = sum(count * self.costs.seconds[unit][1] for count, unit in stage.units)
+        share = 1 / self.ranks if stage.dealt else 1
+        low = sum(count * self.costs.seconds[unit][0] for count, unit in stage.units) * share
+        high = sum(count * self.costs.seconds[unit][1] for count, unit in stage.units) * share
         return (low, high)
 
     def seconds(self) -> tuple[float, float, bool] | None:
@@ -203,7 +216,8 @@ class Workload:
         """The plan as aligned lines of text (for a log)."""
         rows = [("stage", "work", "estimate"), *self.rows()]
         widths = [max(len(row[column]) for row in rows) for column in range(2)]
-        lines = [f"plan for {self.model} on {self.device}:"]
+        processes = f" x {self.ranks} processes" if self.ranks > 1 else ""
+        lines = [f"plan for {self.model} on {self.device}{processes}:"]
         lines += [f"  {name:<{widths[0]}}  {work:<{widths[1]}}  {estimate}" for name, work, estimate in rows]
         lines.append(f"  ({self.note()})")
         return "\n".join(lines)
@@ -211,6 +225,11 @@ class Workload:
     def note(self) -> str:
         """Where the estimate comes from, and what the counts mean."""
         counts = "images: a cold cache's count; cached images and attack results are reused"
+        if self.ranks > 1:
+            counts += (
+                f"; images, metrics and per-prompt attacks are dealt across the {self.ranks} processes, a training "
+                "runs on every one at once"
+            )
         if self.costs is None:
             return counts
         return f"estimate: {self.costs.source}; {counts}"
@@ -228,12 +247,15 @@ def duration(seconds: tuple[float, float] | None) -> str:
     return "about " + (high_text if low_text == high_text else f"{low_text}-{high_text}") + f" {unit}"
 
 
-def run_workload(plan, device: str, trained: bool | None = None, sampler_steps: int | None = None) -> Workload:
+def run_workload(
+    plan, device: str, trained: bool | None = None, sampler_steps: int | None = None, ranks: int = 1
+) -> Workload:
     """Count a planned run's work (a `duobench.runner.RunPlan`; only its config, concept, prompt sets and attack
     are read) and attach the per-unit costs for ``device``.
 
     ``trained``: whether the method's artifact is already cached (`artifact_cached`); None when unknown.
     ``sampler_steps``: the steps of the run's images (PNO's cost scales with them); None when unknown.
+    ``ranks``: the run's processes (torchrun), over which its dealt stages are shared.
     """
     config, concept = plan.config, plan.concept
     rows, benign = plan.prompt_set.rows, plan.benign.rows
@@ -261,9 +283,11 @@ def run_workload(plan, device: str, trained: bool | None = None, sampler_steps: 
     if plan.guard is not None:
         stages += guard_stages(plan.guard)
     if plan.attack is not None:
-        stages.append(attack_stage(attack, plan.attack, rows, config))
+        stages.append(dealt_if_per_prompt(attack_stage(attack, plan.attack, rows, config), plan.attack))
     judged = attack_phase + pre_attack
-    stages.append(Stage("attack + pre-attack images", f"{judged} images, judged", [(judged, "judged image")]))
+    stages.append(
+        Stage("attack + pre-attack images", f"{judged} images, judged", [(judged, "judged image")], dealt=True)
+    )
     if method != "none" and inference_time(method):
         evaluated = judged + images["benign unlearned"] + images["close concepts unlearned"]
         stages.append(sampling_stage(config, concept, evaluated, sampler_steps))
@@ -273,14 +297,23 @@ def run_workload(plan, device: str, trained: bool | None = None, sampler_steps: 
             "benign images",
             f"{images['benign base']} base + {images['benign unlearned']} unlearned + {images['contact sheet']} sheet",
             [(other, "image")],
+            dealt=True,
         )
     )
     if close:
         pairs = images["close concepts base"] + images["close concepts unlearned"]
         work = f"{close} base + {images['close concepts unlearned']} unlearned ({', '.join(plan.close)})"
-        stages.append(Stage("close-concept images", work, [(pairs, "image")]))
-    stages.append(Stage("metrics", f"{len(benign) + close} pairs", [(len(benign) + close, "metric image")]))
-    return Workload(config.model, device, images, stages, cost_table(config.model, device))
+        stages.append(Stage("close-concept images", work, [(pairs, "image")], dealt=True))
+    metric_pairs = len(benign) + close
+    stages.append(Stage("metrics", f"{metric_pairs} pairs", [(metric_pairs, "metric image")], dealt=True))
+    return Workload(config.model, device, images, stages, cost_table(config.model, device), ranks)
+
+
+def dealt_if_per_prompt(stage: Stage, attack: Any) -> Stage:
+    """An attack's stage is dealt across ranks when each prompt is its own optimisation (`this_ranks_rows`); an
+    edit, or an optimisation shared by all prompts (Concept Inversion's token), runs on one rank."""
+    per_prompt = not _produces_edit(attack) and not getattr(type(attack), "shares_work_across_prompts", False)
+    return replace(stage, dealt=per_prompt)
 
 
 def _produces_edit(attack: Any) -> bool:
@@ -353,14 +386,15 @@ def sampling_stage(config, concept: Concept, images: int, steps: int | None) -> 
 
     method = config.method
     if method != "pno":
-        return Stage(f"{method} sampling", f"{images} images of the evaluated model", [(images, f"{method} image")])
+        work = f"{images} images of the evaluated model"
+        return Stage(f"{method} sampling", work, [(images, f"{method} image")], dealt=True)
     if steps is None:
-        return Stage("PNO sampling", f"{images} images, sampler steps unknown", [(images, "pno image")])
+        return Stage("PNO sampling", f"{images} images, sampler steps unknown", [(images, "pno image")], dealt=True)
     options = make_config(METHODS.get(method), method_options(concept, method, config.method_options))
     worst = (options.random_trials + 2 * options.opt_steps - 1) * steps
     per_item = min(worst, options.max_unet_evaluations or worst)
     work = f"{images} images x at most {per_item} UNet evaluations (an item safe at once: {steps})"
-    return Stage("PNO sampling", work, [(images * per_item, "pno unet evaluation")], at_most=True)
+    return Stage("PNO sampling", work, [(images * per_item, "pno unet evaluation")], at_most=True, dealt=True)
 
 
 def guard_stages(guard: Any) -> list[Stage]:
@@ -467,7 +501,8 @@ def log_plan(plan, base_pipe, base_fingerprint: str) -> Workload:
 
     trained = artifact_cached(plan.config, plan.concept, base_pipe, base_fingerprint)
     steps = default_sampler_settings(base_pipe, plan.concept).steps
-    workload = run_workload(plan, base_pipe.device.type, trained, steps)
-    if process_info().is_main:
+    info = process_info()
+    workload = run_workload(plan, base_pipe.device.type, trained, steps, info.world_size)
+    if info.is_main:
         logging.getLogger(__name__).info(workload.text())
     return workload

@@ -208,3 +208,26 @@ def test_every_registered_method_attack_and_guard_has_a_toy_estimate(tmp_path, m
     pno = estimates["pno", "none", "none"]
     assert pno["PNO sampling"][1].startswith("340 images x at most 280 UNet evaluations")  # (5 + 2 x 5 - 1) x 20
     assert pno["total"][2].startswith("at most about") and pno["pno training"][2] == "under 1 s"
+
+
+def test_the_plan_for_several_processes_divides_what_is_dealt_across_them_and_nothing_else(tmp_path, monkeypatch):
+    """Under torchrun images, metrics and per-prompt attacks are dealt across ranks (`duobench.engine`,
+    `this_ranks_rows`); a training runs on every rank at once and an edit attack on one, so those keep their
+    time."""
+    from duobench.run_config import RunConfig
+    from duobench.runner import plan_run
+    from duobench.workload import run_workload
+
+    monkeypatch.setenv("DUOBENCH_HOME", str(tmp_path))
+    attacks = {"ring-a-bell": ("Ring-A-Bell", True), "finetune": ("finetune attack", False)}
+    attacks["concept-inversion"] = ("Concept Inversion", False)  # one learned token for every prompt: rank 0
+    for attack, (attack_stage, attack_dealt) in attacks.items():
+        plan = plan_run(RunConfig(model="toy", concept="star", method="esd-x", attack=attack, device="cpu"))
+        one, four = (run_workload(plan, "cpu", trained=False, ranks=ranks) for ranks in (1, 4))
+        assert "x 4 processes" in four.text() and "x 4 processes" not in one.text()
+        for stage in one.stages:
+            single, shared = one.stage_seconds(stage), four.stage_seconds(stage)
+            dealt = stage.name in ("attack + pre-attack images", "benign images", "close-concept images", "metrics")
+            dealt = dealt or (stage.name == attack_stage and attack_dealt)
+            expected = tuple(seconds / 4 for seconds in single) if dealt else single
+            assert shared == pytest.approx(expected), (attack, stage.name)
