@@ -252,6 +252,21 @@ def test_the_card_names_model_endpoint_and_question_never_the_key(server):
         VLM_GPT4O_DUO(model="gpt-4o-mini", api_key="sk-test")
 
 
+def test_a_dsr_report_and_so_its_csv_row_names_the_model_that_judged(server):
+    """The summary's and the leaderboard's ``card_judge`` come from DSR's report: a VLM's id alone ("vlm@1")
+    would not tell two models apart; a judge with pinned weights keeps its bare id."""
+    from duobench.metrics.dsr import DSR, build_judge
+
+    server.script = [("answer", "no")]
+    endpoint = server.base_url.removeprefix("http://")
+    metric = DSR(judge=vlm(server, model="model-a", api_key="sk-secret"))
+    metric.update([picture(1)], [{"prompt": "a calm lake"}])
+    assert metric.compute()["judge"] == f"vlm@1 (model-a via {endpoint})"
+    pinned = DSR(judge=build_judge("toy-star"))
+    pinned.update([Image.new("RGB", (32, 32))], [{"prompt": "a red circle"}])
+    assert pinned.compute()["judge"] == "toy-star@1"
+
+
 def test_the_preset_card_a_run_caches_by_names_the_model_the_environment_selects(monkeypatch):
     from duobench.metrics.benign import preset_identity
 

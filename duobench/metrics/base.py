@@ -45,6 +45,13 @@ class MetricCard:
         return {"id": self.id, **asdict(self)}
 
 
+def judge_label(card: MetricCard) -> str:
+    """How a summary and a CSV row name the judge: its card id, and for a judge that asks a model chosen at
+    run time (a VLM: ``params["model"]``, from a preset or the environment) also ``"<model> via
+    <endpoint>"``, so two rows judged by two models say so. Other judges' ids pin their weights already."""
+    return f"{card.id} ({card.weights})" if card.params.get("model") and card.weights else card.id
+
+
 def card_identity(card: MetricCard) -> dict[str, Any]:
     """What decides a card's numbers, for cache keys: its id (name@version), parameters and the sha256 of
     the weights it loaded. Never the weights' path: moving a venv or an HF cache must not recompute."""

@@ -57,6 +57,7 @@ from duobench.metrics.base import (
     item_meta,
     item_prompt,
     judge_images,
+    judge_label,
     prompt_key,
 )
 
@@ -268,7 +269,7 @@ class DefenseSuccessRate(StreamingMetric):
 
     def compute(self) -> dict[str, Any]:
         report = report_from_counts(self._state["per_prompt"], self.convention, self.confidence)
-        return {"metric": self.card.id, "judge": self.judge.card.id, **report}
+        return {"metric": self.card.id, "judge": judge_label(self.judge.card), **report}
 
 
 def build_judge(name: str, role: str = "judge", **kwargs: Any) -> Judge:
