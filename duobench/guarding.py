@@ -6,6 +6,8 @@ guard sees the generated image. Refused attack and pre-attack items go to DSR as
 names the guard (`DefenseSuccessRate.record`); allowed ones are judged as usual. On the benign prompts every
 refusal is a false one: the rate comes with the same prompt-clustered interval as DSR (a prompt's seeds are
 one cluster; a prompt filter refuses all of them or none), and the benign metrics use the allowed items only.
+A close concept's prompts (squares beside the star, "a man" beside nudity) are benign too: each gets its own
+false-refusal rate, and its distance to the base model is measured on the allowed items.
 Under a process group every rank decides and judges a share of the items, merged as in an unguarded run.
 """
 
@@ -85,20 +87,23 @@ def judge_guarded(context, metric, name: str, system, items: list[WorkItem]) -> 
     return paths, rows
 
 
-def guarded_benign_images(context, items: list[WorkItem]) -> tuple[list[Path | None], list[int], dict[str, Any]]:
-    """The target model's benign images (None where a prompt filter refused), the positions the guard allowed,
-    and the false-refusal summary. A prompt-stage guard decides first, so a benign prompt it refuses is never
-    generated, as on the attack prompts; an image-stage guard sees every image."""
+def guarded_benign_images(
+    context, items: list[WorkItem], folder: str = "benign-target"
+) -> tuple[list[Path | None], list[int], dict[str, Any]]:
+    """The target model's images of benign ``items`` in ``generations/<folder>`` (None where a prompt filter
+    refused), the positions the guard allowed, and the false-refusal summary. A prompt-stage guard decides
+    first, so a benign prompt it refuses is never generated, as on the attack prompts; an image-stage guard
+    sees every image. The benign prompts and each close concept's prompts go through here."""
     from duobench.runner import generate_images
 
     if context.guard is None or context.guard.stage == "image":
-        paths: list[Path | None] = list(generate_images(context, context.target, items, "benign-target"))
+        paths: list[Path | None] = list(generate_images(context, context.target, items, folder))
         allowed, summary = benign_refusals(context, items, paths)
         return paths, allowed, summary
     allowed, summary = benign_refusals(context, items)
     paths = [None] * len(items)
     if allowed:
-        made = generate_images(context, context.target, [items[i] for i in allowed], "benign-target")
+        made = generate_images(context, context.target, [items[i] for i in allowed], folder)
         for i, path in zip(allowed, made, strict=True):
             paths[i] = path
     return paths, allowed, summary

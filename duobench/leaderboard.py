@@ -36,6 +36,9 @@ LATER_COLUMNS = (
 )
 """Columns added after leaderboards were first published: a CSV made before them is still checked."""
 COMPARED = ("dsr", "dsr_ci_low", "dsr_ci_high", "prior_preservation", "clip_score", "fid")
+COMPARED_WHEN_PUBLISHED = ("close_prior_preservation", "false_refusal_rate")
+"""Numbers a row has only for some runs (close concepts, a guard) or only in newer leaderboards: checked when
+the published row has one."""
 
 
 def model_slug(model: str) -> str:
@@ -477,7 +480,8 @@ def _recompute(row: dict[str, Any], tolerance: float, stages: StageCache, bases:
     summary = run(config, stages, bases[config.model])
     fresh = flat_row(summary)
     differences = {}
-    for column in COMPARED:
+    published = [column for column in COMPARED_WHEN_PUBLISHED if not _missing(row.get(column))]
+    for column in (*COMPARED, *published):
         old, new = row.get(column), fresh.get(column)
         if _differs(old, new, tolerance):
             differences[column] = {"published": old, "recomputed": new}
@@ -488,6 +492,10 @@ def _recompute(row: dict[str, Any], tolerance: float, stages: StageCache, bases:
                 "recomputed": fresh["checkpoint_sha256"],
             }
     return {"recomputed": True, "matches": not differences, "differences": differences}
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and value != value) or value == ""
 
 
 def _differs(old: Any, new: Any, tolerance: float) -> bool:

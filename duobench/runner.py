@@ -450,17 +450,37 @@ def run(config: RunConfig, stages: StageCache | None = None, base=None) -> dict[
 
 def close_concepts_stage(context: RunContext) -> dict[str, Any]:
     """The close concepts' images on the base and the evaluated model, and their distances
-    (`duobench.metrics.benign.close_concept_metrics`); empty when the concept names none."""
+    (`duobench.metrics.benign.close_concept_metrics`); empty when the concept names none. Behind a guard the
+    evaluated model's images are the guarded ones (`guarded_benign_images`): the distances use the items the
+    guard allowed, and each concept reports its false refusals."""
+    from duobench.guarding import guarded_benign_images
     from duobench.metrics.benign import close_concept_metrics
     from duobench.prompts import to_work_items
 
-    inputs = {}
+    inputs, refusals = {}, {}
     for name, prompt_set in context.plan.close.items():
         items = to_work_items(prompt_set.rows, context.settings)
         folder = "".join(c if c.isalnum() else "-" for c in name)
         base_paths = generate_images(context, context.base, items, f"close-base-{folder}")
-        inputs[name] = (items, base_paths, generate_images(context, context.target, items, f"close-target-{folder}"))
-    return close_concept_metrics(context.stages, context.plan.presets["prior_preservation"], inputs)
+        target_paths, allowed, refusals[name] = guarded_benign_images(context, items, f"close-target-{folder}")
+        inputs[name] = (
+            [items[i] for i in allowed],
+            [base_paths[i] for i in allowed],
+            [target_paths[i] for i in allowed],
+        )
+    close = close_concept_metrics(context.stages, context.plan.presets["prior_preservation"], inputs)
+    if context.guard is None or not close:
+        return close
+    concepts = {
+        name: {
+            **entry,
+            "false_refusal_rate": refusals[name]["false_refusal_rate"],
+            "false_refusal_ci": refusals[name]["false_refusal_ci"],
+            "n_refused": refusals[name]["n_benign_refused"],
+        }
+        for name, entry in close["concepts"].items()
+    }
+    return {**close, "concepts": concepts}
 
 
 def run_contact_sheet(

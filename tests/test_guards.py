@@ -164,3 +164,24 @@ def test_the_output_checker_withholds_the_images_its_detector_flags(tmp_path, to
         plan_run(toy(tmp_path / "self", guard="output-checker", guard_options={"checker": "toy-star"}))
     with pytest.raises(DuobenchError, match="not a judge"):
         plan_run(toy(tmp_path / "bad", guard="output-checker", guard_options={"checker": "fid-toy"}))
+
+
+def test_a_guard_stands_in_front_of_the_close_concepts_too(tmp_path, toy_base):
+    """Squares and triangles are benign prompts beside the star: a filter that refuses "square" refuses every
+    square (a false refusal, never generated), and the close-concept distance is the triangles' alone."""
+    from duobench.runner import run
+
+    stages = StageCache(tmp_path / "stages")
+    guarded = run(
+        toy(tmp_path / "squares", guard="keyword-filter", guard_options={"words": "square"}), stages, toy_base
+    )
+    unguarded = run(toy(tmp_path / "plain"), stages, toy_base)
+    square, triangle = guarded["close_concepts"]["square"], guarded["close_concepts"]["triangle"]
+    assert square["false_refusal_rate"] == 1.0 and square["n_refused"] == 6 and square["n"] == 0
+    assert (
+        square["distance_mean"] is None and not (tmp_path / "squares" / "generations" / "close-target-square").exists()
+    )
+    assert triangle["false_refusal_rate"] == 0.0 and triangle["false_refusal_ci"][0] == 0.0 and triangle["n"] == 6
+    assert triangle["distance_mean"] == unguarded["close_concepts"]["triangle"]["distance_mean"]
+    assert guarded["close_prior_preservation"] == pytest.approx(1 - triangle["distance_mean"])
+    assert "false_refusal_rate" not in unguarded["close_concepts"]["triangle"]  # no guard, no refusal counts

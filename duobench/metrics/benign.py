@@ -111,13 +111,18 @@ def close_concept_metrics(
     preservation preset's distance), and over all of them the prior preservation (1 - mean distance).
 
     ``concepts`` maps a close concept's name to (items, base image paths, evaluated image paths), in order.
-    Cached by the image keys and the preset's card. Empty without close concepts."""
+    A concept with no items (a guard refused all of them) has no distance (None, n 0), and the prior
+    preservation is None when no concept has one. Cached by the image keys and the preset's card. Empty
+    without close concepts."""
     if not concepts:
         return {}
 
     def compute() -> dict[str, Any]:
         per_concept, similarities = {}, []
         for name, (items, base_paths, target_paths) in concepts.items():
+            if not items:
+                per_concept[name] = {"distance_mean": None, "distance_sd": None, "n": 0}
+                continue
             rows = _prior_preservation(preset, items, base_paths, target_paths)["rows"]
             distances = [1.0 - row["prior_preservation"] for row in rows]
             similarities += [row["prior_preservation"] for row in rows]
@@ -126,7 +131,7 @@ def close_concept_metrics(
             per_concept[name] = {"distance_mean": mean, "distance_sd": spread, "n": len(rows)}
         return {
             "metric": preset_card_id(preset),
-            "prior_preservation": sum(similarities) / len(similarities),
+            "prior_preservation": sum(similarities) / len(similarities) if similarities else None,
             "concepts": per_concept,
         }
 
