@@ -411,9 +411,10 @@ def leaderboard(
                 )
             )
             failed |= bool(verdict["problems"]) or verdict["matches"] is False
-            console.print(f"{verdict['method']:>10} x {verdict['attack']:<14} {status}")
+            console.print(f"{verdict['system']:>10} x {verdict['attack']:<14} {status}")
         recomputed = sum(bool(verdict["recomputed"]) for verdict in verdicts)
-        console.print(f"{recomputed} of {len(verdicts)} rows recomputed")
+        matched = sum(verdict["matches"] is True for verdict in verdicts)
+        console.print(f"{recomputed} of {len(verdicts)} rows recomputed, {matched} matched")
         if recomputed == 0:  # provenance alone proves nothing about the numbers
             error_console.print(
                 "no row could be recomputed here (no method artifact present): nothing was checked", soft_wrap=True

@@ -455,6 +455,7 @@ def check_leaderboard(
         row = series.to_dict()
         verdict = {
             "method": row["method"],
+            "system": system_label(row),
             "attack": row["attack"],
             "problems": provenance_problems(row),
             "recomputed": False,
