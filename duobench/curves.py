@@ -129,18 +129,13 @@ GUARD_MARKERS = ("o", "s", "^", "D", "v", "P", "X")
 
 def system_styles(rows: list[dict[str, Any]]) -> dict[str, tuple[str, str]]:
     """Each system's (colour, marker) in a grid figure: a colour per method, a marker per guard."""
-    from duobench.leaderboard import system_label
+    from duobench.leaderboard import guard_name, system_label
 
     methods = list(dict.fromkeys(row["method"] for row in rows))
-    guards = list(dict.fromkeys(_guard(row) for row in rows))
+    guards = list(dict.fromkeys(guard_name(row) for row in rows))
     colours = dict(zip(methods, method_colours(len(methods)), strict=True))
     markers = {guard: GUARD_MARKERS[n % len(GUARD_MARKERS)] for n, guard in enumerate(guards)}
-    return {system_label(row): (colours[row["method"]], markers[_guard(row)]) for row in rows}
-
-
-def _guard(row: dict[str, Any]) -> str:
-    guard = row.get("guard")
-    return guard if isinstance(guard, str) and guard else "none"
+    return {system_label(row): (colours[row["method"]], markers[guard_name(row)]) for row in rows}
 
 
 def method_colours(count: int) -> list[str]:

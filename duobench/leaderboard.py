@@ -49,11 +49,17 @@ def leaderboard_path(folder: Path, model: str, concept: str) -> Path:
     return folder / f"{model_slug(model)}-{concept}.csv"
 
 
+def guard_name(row: Any) -> str:
+    """The row's guard, ``"none"`` for a row without one (an empty cell, or a CSV from before guards)."""
+    guard = row.get("guard")
+    return guard if isinstance(guard, str) and guard else "none"
+
+
 def system_label(row: Any) -> str:
     """The evaluated system as a leaderboard names it: the method, then `` + <guard>`` when a guard stands
     in front of or behind it."""
-    guard = row.get("guard")
-    return row["method"] if not isinstance(guard, str) or guard in ("", "none") else f"{row['method']} + {guard}"
+    guard = guard_name(row)
+    return row["method"] if guard == "none" else f"{row['method']} + {guard}"
 
 
 def leaderboard_row(summary: dict[str, Any], config: RunConfig, training_seed: int | None = None) -> dict[str, Any]:
@@ -481,7 +487,9 @@ def _recompute(row: dict[str, Any], tolerance: float, stages: StageCache, bases:
     summary = run(config, stages, bases[config.model])
     fresh = flat_row(summary)
     differences = {}
-    published = [column for column in COMPARED_WHEN_PUBLISHED if not _missing(row.get(column))]
+    import pandas as pd
+
+    published = [column for column in COMPARED_WHEN_PUBLISHED if not pd.isna(row.get(column))]
     for column in (*COMPARED, *published):
         old, new = row.get(column), fresh.get(column)
         if _differs(old, new, tolerance):
@@ -493,10 +501,6 @@ def _recompute(row: dict[str, Any], tolerance: float, stages: StageCache, bases:
                 "recomputed": fresh["checkpoint_sha256"],
             }
     return {"recomputed": True, "matches": not differences, "differences": differences}
-
-
-def _missing(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and value != value) or value == ""
 
 
 def _differs(old: Any, new: Any, tolerance: float) -> bool:
